@@ -1,0 +1,216 @@
+"""`online-kd validate | plan | run | plot`: the command line over topologies."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DivergenceError, TopologyError
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _load(args, check: bool = True):
+    from .topology import load_topology
+
+    overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "engine", None):
+        overrides.append(f"engine.name={args.engine}")
+    return load_topology(args.topology, overrides, check=check)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_validate(args) -> int:
+    from .topology.plan import build_plan
+
+    topo = _load(args)
+    plan = build_plan(topo)
+    print(f"ok: {topo.name}: {len(topo.config.peers)} peers, {len(topo.config.ensembles)} ensembles, "
+          f"{len(topo.edges)} edges, {len(topo.stages)} stage(s), {topo.total_epochs} epochs; "
+          f"{_human_bytes(plan.bytes_per_step())} exchanged per step over all stages")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .topology.plan import build_plan
+
+    topo = _load(args)
+    plan = build_plan(topo)
+    if args.json:
+        print(json.dumps({
+            "name": topo.name,
+            "edges": [{"from": e.source, "to": e.target, "loss": e.loss, "weight": e.weight, "origin": e.origin,
+                       **e.params} for e in topo.edges],
+            "stages": [{"name": s.name, "train": list(s.train), "epochs": s.epochs,
+                        "taps": {p: sorted(t) for p, t in plan.stage_taps[i].items()},
+                        "transfers": [t.__dict__ for t in plan.transfers if t.stage == s.name],
+                        "bytes_per_step": plan.bytes_per_step(s.name)} for i, s in enumerate(topo.stages)],
+            "placement": placement(topo),
+        }, indent=2, default=list))
+        return 0
+    con = Console(highlight=False)
+    con.print(f"[bold]{topo.name}[/]  batch {topo.config.data.batch_size}, engine {topo.config.engine.name}")
+    t = Table(title="edges (patterns expanded)")
+    for col in ("#", "from", "to", "loss", "weight", "params", "from YAML"):
+        t.add_column(col)
+    for e in topo.edges:
+        sched = "" if e.schedule.name == "constant" else f" {e.schedule.name}"
+        t.add_row(str(e.index), e.source, e.target, e.loss, f"{e.weight:g}{sched}",
+                  ", ".join(f"{k}={v}" for k, v in e.params.items()), e.origin)
+    con.print(t)
+    t = Table(title="placement (ray engine: one worker per peer replica)")
+    for col in ("worker", "peers", "replica"):
+        t.add_column(col)
+    for w in placement(topo):
+        t.add_row(str(w["worker"]), ", ".join(w["peers"]), str(w["replica"]))
+    con.print(t)
+    for i, s in enumerate(topo.stages):
+        t = Table(title=f"stage '{s.name}': trains {', '.join(s.train)} for {s.epochs} epochs")
+        for col in ("peer", "taps produced", "shapes (per sample)"):
+            t.add_column(col)
+        for p, taps in plan.stage_taps[i].items():
+            t.add_row(p, ", ".join(sorted(taps)), "; ".join(f"{k} {list(plan.shapes[p][k])}" for k in sorted(taps)))
+        con.print(t)
+        t = Table(title=f"exchange per step in '{s.name}' (ray engine)")
+        for col in ("from", "tap", "to", "bytes/step"):
+            t.add_column(col)
+        for tr in (x for x in plan.transfers if x.stage == s.name):
+            t.add_row(tr.source, tr.tap, tr.target, _human_bytes(tr.bytes_per_step))
+        t.add_row("", "", "[bold]total[/]", f"[bold]{_human_bytes(plan.bytes_per_step(s.name))}[/]")
+        con.print(t)
+    return 0
+
+
+def placement(topo) -> list[dict]:
+    """Workers of the ray engine: colocated groups share one, others get one per replica."""
+    groups = [list(g) for g in topo.config.engine.colocate]
+    grouped = {p for g in groups for p in g}
+    groups += [[p] for p in topo.config.peers if p not in grouped]
+    out = []
+    for g in groups:
+        reps = max(topo.config.peers[p].replicas for p in g)
+        for r in range(reps):
+            out.append({"worker": len(out), "peers": g, "replica": r})
+    return out
+
+
+def _default_out(topo, resume: bool) -> Path:
+    base = Path("runs")
+    if resume:
+        found = sorted((p for p in base.glob(f"{topo.name}-*") if (p / "checkpoints" / "latest").is_file()),
+                       key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise TopologyError("--resume", f"no earlier run of '{topo.name}' under {base.resolve()} (name one with --out)")
+        return found[-1]
+    return base / f"{topo.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_run(args) -> int:
+    from .engine import get_engine
+    from .engine.local import RunOptions
+
+    topo = _load(args)
+    out = Path(args.out) if args.out else _default_out(topo, args.resume)
+    if not args.resume and (out / "checkpoints" / "latest").is_file():
+        raise TopologyError("--out", f"{out} already holds a run: continue it with --resume, or choose another --out")
+    opts = RunOptions(out_dir=out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
+                      tracking_uri=args.tracking_uri, tracking=not args.no_tracking, quiet=args.quiet)
+    summary = get_engine(topo.config.engine.name)(topo, opts).run()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import draw_topology, plot_curves
+
+    target = Path(args.topology)
+    if target.is_dir():
+        metrics = target / "metrics.jsonl"
+        if not metrics.is_file():
+            raise TopologyError(str(target), "not a run directory (no metrics.jsonl)")
+        series: dict[str, list] = {}
+        for line in metrics.read_text().splitlines():
+            h = json.loads(line)
+            for n, m in h["nodes"].items():
+                if "top1" in m:
+                    series.setdefault(n, []).append((h["epoch"] + 1, m["top1"]))
+        path = plot_curves(series, args.output or target / "accuracy.png", title=target.name)
+    else:
+        topo = _load(args, check=True)
+        nodes, edges = topo.graph_spec()
+        path = draw_topology(nodes, edges, args.output or f"{topo.name}.png", title=topo.name)
+    print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="online-kd", description="Knowledge distillation as a graph.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, engine=False):
+        p.add_argument("topology", help="topology YAML")
+        p.add_argument("--set", action="append", metavar="PATH=VALUE", default=[],
+                       help="override any field, e.g. --set train.epochs=3 --set edges[0].temperature=2")
+        if engine:
+            p.add_argument("--engine", choices=["local", "ray"], help="override engine.name")
+
+    p = sub.add_parser("validate", help="check a topology without training (schema, names, taps, shapes)")
+    common(p, engine=True)
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("plan", help="expanded edges, placement, taps exchanged and bytes per step")
+    common(p, engine=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("run", help="train a topology")
+    common(p, engine=True)
+    p.add_argument("--out", help="run directory (default runs/<name>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (default: the latest of this topology)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary per peer at the end")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--stop-after-epochs", type=int, metavar="N", help="stop after N epochs (checkpoint kept; --resume continues)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("plot", help="draw a topology's graph, or a run directory's accuracy curves, as PNG")
+    p.add_argument("topology", help="topology YAML or run directory")
+    p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
+    p.add_argument("-o", "--output", help="PNG path")
+    p.set_defaults(fn=cmd_plot)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+
+    try:
+        return args.fn(args)
+    except (TopologyError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except DivergenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

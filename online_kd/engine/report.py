@@ -1,0 +1,224 @@
+"""What a run tells people: progress, per-epoch history, MLflow runs, pictures and the summary."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..topology.graph import Stage, Topology
+
+
+def roles(topology: Topology) -> dict[str, str]:
+    """'teacher' (only teaches), 'student' (only learns), 'peer' (both), 'alone' (neither)."""
+    out = {}
+    for name, p in topology.config.peers.items():
+        teaches = any(name in topology.peer_sources(e.source) and e.target != name for e in topology.edges)
+        learns = any(e.target == name for e in topology.edges)
+        out[name] = "peer" if teaches and learns else "teacher" if teaches else "student" if learns else "alone"
+    for name in topology.config.ensembles:
+        out[name] = "ensemble"
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Reporter:
+    """Collects each epoch's metrics; shows progress, logs MLflow, writes the run directory's files."""
+
+    def __init__(self, topology: Topology, options, history: list | None = None, tracker_state: dict | None = None):
+        self.topology, self.opt = topology, options
+        self.out = Path(options.out_dir)
+        self.history: list[dict] = list(history or [])
+        self.console = Console(stderr=True, quiet=options.quiet, highlight=False)
+        self.roles = roles(topology)
+        self._tracker_state = tracker_state
+        self.tracker = None
+        self.progress: Progress | None = None
+        self._task = None
+        self._t0 = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, info, steps_per_epoch: int, start_epoch: int) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "topology.yaml").write_text(self.topology.to_yaml())
+        graph = self._draw_graph()
+        self.steps_per_epoch = steps_per_epoch
+        if self.opt.tracking and self.topology.config.tracking.enabled:
+            self._start_tracker(graph)
+        what = f"resuming at epoch {start_epoch + 1}" if start_epoch else "starting"
+        self.console.print(f"[bold]{self.topology.name}[/]: {what}; {self.topology.total_epochs} epochs, "
+                           f"{len(self.topology.config.peers)} peers, {len(self.topology.edges)} edges → {self.out}")
+        if not self.opt.quiet and sys.stderr.isatty():
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                                     console=self.console, transient=True)
+            self.progress.start()
+
+    def _draw_graph(self) -> Path | None:
+        try:
+            from ..plot import draw_topology
+
+            nodes, edges = self.topology.graph_spec()
+            return draw_topology(nodes, edges, self.out / "topology.png", title=self.topology.name)
+        except Exception as err:  # a picture must never stop training
+            self.console.print(f"[yellow]could not draw the topology: {err}[/]")
+            return None
+
+    def _start_tracker(self, graph: Path | None) -> None:
+        from ..tracking import RunTracker, default_tracking_uri
+
+        c = self.topology.config
+        if self._tracker_state:
+            self.tracker = RunTracker.resume(self._tracker_state)
+            return
+        uri = self.opt.tracking_uri or c.tracking.uri or default_tracking_uri()
+        tags = {"online_kd.topology": c.name, "online_kd.out": str(self.out.resolve()), **self.opt.extra_tags}
+        self.tracker = RunTracker(uri, c.tracking.experiment or c.name, c.tracking.run_name or c.name, tags=tags)
+        nodes = {}
+        for name, p in c.peers.items():
+            nodes[name] = {"role": self.roles[name], **_flat(p.model_dump(mode="json", exclude_none=True))}
+            nodes[name]["incoming"] = ", ".join(e.key for e in self.topology.edges if e.target == name) or "none"
+        for name, e in c.ensembles.items():
+            nodes[name] = {"role": "ensemble", "combine": e.combine, "members": ", ".join(e.members)}
+        params = {"engine": c.engine.name, **_flat(c.train.model_dump(mode="json"), "train."),
+                  **_flat(c.data.model_dump(mode="json", exclude={"synthetic"}), "data."),
+                  "edges": len(self.topology.edges), "stages": len(self.topology.stages)}
+        self.tracker.start(nodes, params)
+        self.tracker.log_text(self.topology.to_yaml(), "topology.yaml")
+        if graph is not None:
+            self.tracker.log_artifact(graph)
+
+    def tracker_state(self) -> dict | None:
+        return self.tracker.state() if self.tracker else None
+
+    # ------------------------------------------------------------------ per epoch
+    def epoch_started(self, epoch: int, stage: Stage) -> None:
+        if self.progress is not None:
+            if self._task is not None:
+                self.progress.remove_task(self._task)
+            desc = f"epoch {epoch + 1}/{self.topology.total_epochs}" + (f" [{stage.name}]" if len(self.topology.stages) > 1 else "")
+            self._task = self.progress.add_task(desc, total=self.steps_per_epoch, info="")
+
+    def step_done(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self._task)
+
+    def epoch_done(self, epoch: int, stage: Stage, train: dict, evals: dict, seconds: float) -> None:
+        nodes: dict[str, dict[str, float]] = {}
+        for node in [n for n in self.topology.nodes if n in train or n in evals]:
+            nodes[node] = {**train.get(node, {}), **evals.get(node, {})}
+        for node, m in nodes.items():
+            if "top1" in m:
+                prev = self.best(node)
+                m["best_top1"] = max(m["top1"], prev[0]) if prev else m["top1"]
+        self.history.append({"epoch": epoch, "stage": stage.name, "seconds": seconds, "nodes": nodes})
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(self.history[-1]) + "\n")
+        if self.tracker:
+            self.tracker.log_epoch(epoch, nodes)
+        accs = " · ".join(f"{n} {m['top1']:.1f}%" for n, m in nodes.items() if "top1" in m)
+        losses = " · ".join(f"{n} loss {m['loss']:.3f}" for n, m in nodes.items() if "loss" in m)
+        self.console.print(f"epoch {epoch + 1}/{self.topology.total_epochs}"
+                           + (f" [{stage.name}]" if len(self.topology.stages) > 1 else "")
+                           + f"  {accs or losses}  ({seconds:.1f}s)")
+
+    def best(self, node: str) -> tuple[float, int] | None:
+        """(best top-1, its epoch) so far."""
+        best = None
+        for h in self.history:
+            m = h["nodes"].get(node, {})
+            if "top1" in m and (best is None or m["top1"] > best[0]):
+                best = (m["top1"], h["epoch"])
+        return best
+
+    # ------------------------------------------------------------------ end
+    def summary(self, finished: bool = True) -> dict[str, Any]:
+        """Per peer and ensemble: last- and best-epoch top-1 (reference tables mix the two)."""
+        c = self.topology.config
+        out: dict[str, Any] = {"name": c.name, "out": str(self.out), "finished": finished,
+                               "epochs": self.history[-1]["epoch"] + 1 if self.history else 0,
+                               "peers": {}, "ensembles": {}}
+        for section, names in (("peers", c.peers), ("ensembles", c.ensembles)):
+            for n in names:
+                last = next((h for h in reversed(self.history) if "top1" in h["nodes"].get(n, {})), None)
+                if last is None:
+                    continue
+                best = self.best(n)
+                entry = {"role": self.roles[n], "top1_last": round(last["nodes"][n]["top1"], 4),
+                         "top5_last": round(last["nodes"][n]["top5"], 4), "top1_best": round(best[0], 4),
+                         "best_epoch": best[1] + 1, "last_epoch": last["epoch"] + 1}
+                if section == "peers":
+                    entry = {"model": c.peers[n].model, **entry}
+                out[section][n] = entry
+        return out
+
+    def _curves(self) -> Path | None:
+        try:
+            from ..plot import plot_curves
+
+            series: dict[str, list[tuple[int, float]]] = {}
+            for h in self.history:
+                for n, m in h["nodes"].items():
+                    if "top1" in m:
+                        series.setdefault(n, []).append((h["epoch"] + 1, m["top1"]))
+            return plot_curves(series, self.out / "accuracy.png", title=self.topology.name) if series else None
+        except Exception as err:
+            self.console.print(f"[yellow]could not plot curves: {err}[/]")
+            return None
+
+    def _close_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def finish(self) -> dict[str, Any]:
+        self._close_progress()
+        summary = self.summary(finished=True)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        curves = self._curves()
+        if self.tracker:
+            self.tracker.log_summary({n: {k: v for k, v in e.items() if isinstance(v, (int, float))}
+                                      for sec in ("peers", "ensembles") for n, e in summary[sec].items()})
+            if curves is not None:
+                self.tracker.log_artifact(curves)
+            self.tracker.log_artifact(self.out / "summary.json")
+            self.tracker.finish("FINISHED")
+        for sec in ("peers", "ensembles"):
+            for n, e in summary[sec].items():
+                self.console.print(f"  {n:<12} {e.get('model', e['role']):<14} top-1 last {e['top1_last']:.2f}%  "
+                                   f"best {e['top1_best']:.2f}% (epoch {e['best_epoch']})")
+        self.console.print(f"done in {time.time() - self._t0:.0f}s → {self.out}")
+        return summary
+
+    def stopped(self, next_epoch: int) -> None:
+        """Paused on request (--stop-after-epochs): MLflow runs stay open for --resume."""
+        self._close_progress()
+        self.console.print(f"stopped after epoch {next_epoch}; continue with --resume --out {self.out}")
+
+    def failed(self, err: BaseException) -> None:
+        self._close_progress()
+        if self.tracker:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            try:
+                self.tracker.finish(status)
+            except Exception:
+                pass
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

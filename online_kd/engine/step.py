@@ -1,0 +1,311 @@
+"""The engine-agnostic step: forward, derived nodes, per-peer losses, backward, update.
+
+Both engines drive the same :class:`Runtime`; the local engine holds every peer, a ray
+worker only its own and receives the other peers' taps before computing losses.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DivergenceError
+from ..models import TappedModel
+from ..topology.graph import Edge, Stage, Topology
+from ..topology.plan import active_edges, needed_taps, peers_in_use
+from . import checkpoint as ckpt
+from .build import build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual
+
+Outputs = dict[str, dict[str, Tensor]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Peer(nn.Module):
+    """A peer at run time: its network, the edge modules it owns, its optimizer and schedule."""
+
+    def __init__(self, name: str, topology: Topology, info, device: torch.device):
+        super().__init__()
+        cfg = topology.config.peers[name]
+        self.peer_name, self.cfg = name, cfg
+        self.net = build_model_for(cfg, info)
+        if cfg.init:
+            self.net.load_state_dict(ckpt.load_init(cfg.init))
+        self.tapped = TappedModel(self.net)
+        self.edges = nn.ModuleDict()  # edge.key → EdgeLoss, parameters owned by this peer
+        self.to(device)
+        self.optimizer = None
+        self.scheduler = None
+        self.scaler = None
+        self.trained_epochs = 0
+
+    def setup_training(self, total_epochs: int, precision: str, device: torch.device) -> None:
+        """Optimizer over the net and edge modules (a loss may ask for its own lr), schedule, scaler."""
+        groups = [{"params": list(self.net.parameters())}]
+        for loss in self.edges.values():
+            groups += loss.param_groups() if hasattr(loss, "param_groups") else [{"params": list(loss.parameters())}]
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = build_optimizer(self.cfg.optimizer, groups)
+        self.scheduler = build_scheduler(self.cfg.schedule, self.optimizer, total_epochs)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def state(self) -> dict:
+        return {
+            "model": self.net.state_dict(),
+            "edges": {k: m.state_dict() for k, m in self.edges.items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "trained_epochs": self.trained_epochs,
+        }
+
+    def load_state(self, state: Mapping) -> None:
+        self.net.load_state_dict(state["model"])
+        for k, sd in state["edges"].items():
+            self.edges[k].load_state_dict(sd)
+        if self.optimizer and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.trained_epochs = state["trained_epochs"]
+
+
+@dataclass
+class StepResult:
+    """Detached loss terms of one step, per trained peer: {'loss', 'task', 'edge/…'} and correct counts."""
+
+    terms: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    correct: dict[str, Tensor] = field(default_factory=dict)
+    count: int = 0
+
+
+class Runtime:
+    """Live peers, ensembles, virtual teachers and edge losses for one topology.
+
+    ``owned`` restricts which peers this process builds (a ray worker's placement); the
+    local engine owns them all.
+    """
+
+    def __init__(self, topology: Topology, info, device: torch.device | str = "cpu", owned: Iterable[str] | None = None):
+        self.topology, self.info = topology, info
+        self.device = torch.device(device)
+        c = topology.config
+        self.owned = list(owned) if owned is not None else list(c.peers)
+        self.peers: dict[str, Peer] = {p: Peer(p, topology, info, self.device) for p in self.owned}
+        self.losses: dict[int, nn.Module] = {}
+        for e in topology.edges:
+            if e.target in self.peers:
+                loss = build_loss(e)
+                self.peers[e.target].edges[e.key] = loss
+                self.losses[e.index] = loss
+        self._build_edge_modules()
+        total = {p: sum(s.epochs for s in topology.stages if p in s.train) for p in self.peers}
+        for name, peer in self.peers.items():
+            if total[name]:
+                peer.setup_training(total[name], c.train.precision, self.device)
+        self.combiners = nn.ModuleDict({n: build_combiner(e) for n, e in c.ensembles.items()}).to(self.device)
+        self.virtual = nn.ModuleDict({n: build_virtual(v, info.num_classes) for n, v in c.virtual.items()}).to(self.device)
+        self.precision = c.train.precision
+        self.stage: Stage | None = None
+        self.global_step = 0
+
+    def _build_edge_modules(self) -> None:
+        """Let each owned edge loss see its taps' shapes (one dry forward) and create its modules."""
+        from ..topology.plan import build_plan
+
+        plan = build_plan(self.topology, self.info)
+        logit_shape = torch.Size((self.info.num_classes,))
+        for e in self.topology.edges:
+            if e.index not in self.losses:
+                continue
+            src = plan.shapes[e.source] if self.topology.kind(e.source) == "peer" else {"logits": logit_shape}
+            self.losses[e.index].build({k: torch.Size(v) for k, v in src.items()},
+                                       {k: torch.Size(v) for k, v in plan.shapes[e.target].items()})
+            self.losses[e.index].to(self.device)
+
+    # ------------------------------------------------------------------ stage
+    def enter_stage(self, stage: Stage) -> None:
+        """Train mode for the stage's peers, eval mode for the rest; hooks for the taps it reads."""
+        self.stage = stage
+        self.active = active_edges(self.topology, stage)
+        self.in_use = peers_in_use(self.topology, stage)
+        taps = needed_taps(self.topology, stage, {e.index: build_loss(e) for e in self.active})
+        for name, peer in self.peers.items():
+            peer.tapped.set_taps(sorted(taps[name] - {"logits"}))
+            trained = name in stage.train
+            peer.net.train(trained)
+            peer.edges.train(trained)
+            peer.net.requires_grad_(trained)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ step pieces
+    def forward(self, x: Tensor, names: Iterable[str]) -> Outputs:
+        """Taps of the named owned peers; frozen (not trained this stage) ones without grad."""
+        outs: Outputs = {}
+        with self.autocast():
+            for name in names:
+                peer = self.peers[name]
+                if name in self.stage.train:
+                    outs[name] = peer.tapped(x)
+                else:
+                    with torch.no_grad():
+                        outs[name] = peer.tapped(x)
+        return outs
+
+    def derived(self, outs: Outputs, y: Tensor) -> Outputs:
+        """Ensemble and virtual-teacher outputs from (detached) peer logits and labels."""
+        derived: Outputs = {}
+        with torch.no_grad():
+            for name, comb in self.combiners.items():
+                members = [outs[m]["logits"].detach().float() for m in self.topology.config.ensembles[name].members
+                           if m in outs]
+                if len(members) == comb.num_members:
+                    derived[name] = {"logits": comb(members, y)}
+            for name, v in self.virtual.items():
+                derived[name] = v(y)
+        return derived
+
+    def peer_losses(self, name: str, outs: Outputs, batch, epoch_in_stage: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The trained peer's total loss: task CE × its scale + Σ weighted incoming edges."""
+        peer = self.peers[name]
+        target = outs[name]
+        terms: dict[str, Tensor] = {}
+        task_scale = peer.cfg.task_weight
+        total = None
+        with self.autocast():
+            for e in self.active:
+                if e.target != name:
+                    continue
+                loss = self.losses[e.index]
+                w = e.weight_at(epoch_in_stage)
+                if w == 0:
+                    continue
+                task_scale *= loss.task_scale
+                source = {k: v.detach() for k, v in outs[e.source].items()}
+                value = loss(source, target, batch).float()
+                terms[f"edge/{e.loss}_from_{e.source}"] = value.detach()
+                total = w * value if total is None else total + w * value
+            task = F.cross_entropy(target["logits"].float(), batch.y)
+        terms["task"] = task.detach()
+        total = task_scale * task if total is None else total + task_scale * task
+        terms["loss"] = total.detach()
+        return total, terms
+
+    def update(self, totals: Mapping[str, Tensor]) -> None:
+        """One backward over the peers' summed losses (they share no graph), then each optimizer steps."""
+        peers = [self.peers[n] for n in totals]
+        for p in peers:
+            p.optimizer.zero_grad(set_to_none=True)
+        scaled = [p.scaler.scale(totals[p.peer_name]) for p in peers]
+        torch.stack(scaled).sum().backward() if len(scaled) > 1 else scaled[0].backward()
+        for p in peers:
+            p.scaler.step(p.optimizer)
+            p.scaler.update()
+
+    def check_finite(self, totals: Mapping[str, Tensor], terms: Mapping[str, Mapping[str, Tensor]],
+                     epoch: int) -> None:
+        """Raise DivergenceError naming the peer and term when a loss is NaN/inf (one sync per step)."""
+        if bool(torch.isfinite(torch.stack([t.detach() for t in totals.values()])).all()):
+            return
+        for peer, ts in terms.items():
+            for term, v in ts.items():
+                if term != "loss" and not bool(torch.isfinite(v)):
+                    raise DivergenceError(epoch, self.global_step, peer, term, float(v))
+        peer = next(p for p, t in totals.items() if not bool(torch.isfinite(t)))
+        raise DivergenceError(epoch, self.global_step, peer, "loss", float(totals[peer]))
+
+    def train_step(self, batch, epoch: int, epoch_in_stage: int) -> StepResult:
+        """The whole synchronous step when this process holds every peer it needs."""
+        x, y = batch.x.to(self.device, non_blocking=True), batch.y.to(self.device, non_blocking=True)
+        batch = batch._replace(x=x, y=y)
+        outs = self.forward(x, [p for p in self.peers if p in self.in_use])
+        outs.update(self.derived(outs, y))
+        return self.finish_step(outs, batch, epoch, epoch_in_stage)
+
+    def finish_step(self, outs: Outputs, batch, epoch: int, epoch_in_stage: int) -> StepResult:
+        """Losses, divergence check and update for the owned trained peers, given every needed output."""
+        result = StepResult(count=int(batch.y.shape[0]))
+        totals = {}
+        for name in self.stage.train:
+            if name not in self.peers:
+                continue
+            totals[name], result.terms[name] = self.peer_losses(name, outs, batch, epoch_in_stage)
+            result.correct[name] = (outs[name]["logits"].detach().argmax(1) == batch.y).sum()
+        if totals:
+            self.check_finite(totals, result.terms, epoch)
+            self.update(totals)
+        self.global_step += 1
+        return result
+
+    def end_epoch(self) -> None:
+        """Advance the learning-rate schedule of every peer trained this epoch."""
+        for name in self.stage.train:
+            if name in self.peers:
+                peer = self.peers[name]
+                peer.scheduler.step()
+                peer.trained_epochs += 1
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def logits_over(self, stream, names: Iterable[str], epoch: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+        """Eval-mode logits of the named peers over a whole (unshuffled) split, and its labels."""
+        names = list(names)
+        modes = {n: self.peers[n].net.training for n in names}
+        for n in names:
+            self.peers[n].net.eval()
+        chunks: dict[str, list[Tensor]] = {n: [] for n in names}
+        labels = []
+        try:
+            with self.autocast():
+                for b in stream.epoch(epoch):
+                    x = b.x.to(self.device)
+                    for n in names:
+                        chunks[n].append(self.peers[n].net(x).float())
+                    labels.append(b.y.to(self.device))
+        finally:
+            for n, m in modes.items():
+                self.peers[n].net.train(m)
+        return {n: torch.cat(c) for n, c in chunks.items()}, torch.cat(labels)
+
+    def ensemble_logits(self, logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each ensemble's label-free prediction from members' eval logits."""
+        out = {}
+        for name, comb in self.combiners.items():
+            members = self.topology.config.ensembles[name].members
+            if all(m in logits for m in members):
+                out[name] = comb.evaluate([logits[m] for m in members])
+        return out
+
+    def refit_ensembles(self, holdout_stream) -> None:
+        """Refit combiners that learn their weights on the held-out split (KDCL-Linear)."""
+        due = [n for n, c in self.combiners.items()
+               if c.refit_every and self.global_step % c.refit_every == 0 and self.global_step > 0]
+        if not due or holdout_stream is None:
+            return
+        members = sorted({m for n in due for m in self.topology.config.ensembles[n].members})
+        logits, y = self.logits_over(holdout_stream, members)
+        for n in due:
+            self.combiners[n].refit([logits[m] for m in self.topology.config.ensembles[n].members], y)
+
+
+def topk_correct(logits: Tensor, y: Tensor, ks=(1, 5)) -> dict[int, int]:
+    """Number of samples whose label is among the top-k logits, per k (k capped at the class count)."""
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices
+    hit = top.eq(y.view(-1, 1))
+    return {k: int(hit[:, : min(k, maxk)].any(1).sum()) for k in ks}

@@ -1,0 +1,167 @@
+"""The loaded topology as a graph: nodes, expanded edges and ordered stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import yaml
+
+from ..errors import TopologyError
+from .schema import TopologyConfig, WeightSchedule
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One expanded distillation edge; ``origin`` is the YAML entry it came from."""
+
+    index: int
+    origin: str
+    source: str
+    target: str
+    loss: str
+    weight: float
+    schedule: WeightSchedule
+    until_epoch: int | None
+    params: dict[str, Any] = field(default_factory=dict)
+    pattern: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}->{self.target}"
+
+    @property
+    def key(self) -> str:
+        """A stable name for the edge's modules and metrics: 'loss:source->target'."""
+        return f"{self.loss}:{self.source}->{self.target}"
+
+    def weight_at(self, epoch_in_stage: int) -> float:
+        """The scheduled weight in a stage's epoch (0-indexed, relative to the stage start)."""
+        if self.until_epoch is not None and epoch_in_stage >= self.until_epoch:
+            return 0.0
+        s = self.schedule
+        if s.name == "linear_warmup" and s.epochs > 0:
+            return self.weight * min(1.0, epoch_in_stage / s.epochs)  # ReviewKD: 0 in the first epoch
+        if s.name == "step":
+            return self.weight * s.gamma ** sum(epoch_in_stage >= m for m in s.milestones)
+        return self.weight
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training phase in execution order."""
+
+    name: str
+    train: tuple[str, ...]
+    epochs: int
+    origin: str
+
+
+@dataclass
+class Topology:
+    """A validated topology: the schema object plus what is derived from it."""
+
+    config: TopologyConfig
+    edges: list[Edge]
+    raw: dict
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def kind(self, node: str) -> str | None:
+        """'peer', 'ensemble', 'virtual' or None."""
+        c = self.config
+        return "peer" if node in c.peers else "ensemble" if node in c.ensembles else "virtual" if node in c.virtual else None
+
+    @property
+    def nodes(self) -> list[str]:
+        c = self.config
+        return [*c.peers, *c.ensembles, *c.virtual]
+
+    @cached_property
+    def stages(self) -> list[Stage]:
+        return resolve_stages(self.config)
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    def peer_sources(self, node: str) -> set[str]:
+        """The peers whose outputs a node's output is made of (itself, or an ensemble's members)."""
+        k = self.kind(node)
+        if k == "peer":
+            return {node}
+        if k == "ensemble":
+            return set().union(*(self.peer_sources(m) for m in self.config.ensembles[node].members))
+        return set()
+
+    def edges_into(self, peers) -> list[Edge]:
+        return [e for e in self.edges if e.target in peers]
+
+    def trained_stage(self, peer: str) -> int | None:
+        """Index of the first stage that trains ``peer``."""
+        return next((i for i, s in enumerate(self.stages) if peer in s.train), None)
+
+    def to_yaml(self) -> str:
+        """The topology as run: overrides applied, patterns expanded, defaults filled in."""
+        data = self.config.model_dump(mode="json", by_alias=True, exclude_none=True)
+        data["edges"] = [
+            {"from": e.source, "to": e.target, "loss": e.loss, "weight": e.weight,
+             **({"schedule": e.schedule.model_dump()} if e.schedule.name != "constant" else {}),
+             **({"until_epoch": e.until_epoch} if e.until_epoch is not None else {}),
+             **e.params, "origin": e.origin}
+            for e in self.edges
+        ]
+        data["stages"] = [{"name": s.name, "train": list(s.train), "epochs": s.epochs} for s in self.stages]
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def graph_spec(self) -> tuple[list[dict], list[dict]]:
+        """Nodes and edges in the form :func:`online_kd.plot.draw_topology` takes."""
+        c = self.config
+        nodes = [{"name": n, "kind": "peer", "label": p.model, "frozen": p.frozen or self.trained_stage(n) is None}
+                 for n, p in c.peers.items()]
+        nodes += [{"name": n, "kind": "ensemble", "label": e.combine, "frozen": False} for n, e in c.ensembles.items()]
+        nodes += [{"name": n, "kind": "virtual", "label": v.kind, "frozen": False} for n, v in c.virtual.items()]
+        edges = [{"source": e.source, "target": e.target, "loss": e.loss,
+                  "label": e.loss + (f" w={e.weight:g}" if e.weight != 1 else "")} for e in self.edges]
+        for n, e in c.ensembles.items():
+            edges += [{"source": m, "target": n, "loss": "member", "label": "member"} for m in e.members]
+        return nodes, edges
+
+
+def resolve_stages(config: TopologyConfig) -> list[Stage]:
+    """Stages in execution order (YAML order, moved only by ``after``); one implicit stage if none."""
+    if not config.stages:
+        train = tuple(n for n, p in config.peers.items() if not p.frozen)
+        return [Stage(name="train", train=train, epochs=config.train.epochs, origin="train")]
+    named = {}
+    for i, s in enumerate(config.stages):
+        name = s.name or f"stage{i + 1}"
+        if name in named:
+            raise TopologyError(f"stages[{i}].name", f"duplicate stage name '{name}'")
+        named[name] = (i, s)
+    for name, (i, s) in named.items():
+        for dep in s.after:
+            if dep not in named:
+                raise TopologyError(f"stages[{i}].after", f"unknown stage '{dep}' (stages: {', '.join(named)})")
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cyc = path[path.index(name):] + (name,)
+            i = named[cyc[0]][0]
+            raise TopologyError(f"stages[{i}].after", "stages depend on each other in a cycle: " + " → ".join(cyc))
+        state[name] = 1
+        for dep in named[name][1].after:
+            visit(dep, path + (name,))
+        state[name] = 2
+        order.append(name)
+
+    for name in named:
+        visit(name, ())
+    return [Stage(name=n, train=tuple(named[n][1].train), epochs=named[n][1].epochs or config.train.epochs, origin=f"stages[{named[n][0]}]")
+            for n in order]

@@ -1,0 +1,127 @@
+"""The exchange plan: which taps each peer must produce, and what travels between peers each step.
+
+Tap shapes come from a dry forward of every model on a tiny batch; the same pass checks that
+each edge's taps exist and fit (a loss's ``build`` raises on a mismatch).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import TopologyError
+from .graph import Edge, Stage, Topology
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One tap sent from one peer to another every step of a stage."""
+
+    stage: str
+    source: str
+    tap: str
+    target: str
+    shape: tuple[int, ...]
+    bytes_per_step: int
+
+
+@dataclass
+class ExchangePlan:
+    """Taps per peer and per stage, their per-sample shapes, and the transfers they imply."""
+
+    stage_taps: list[dict[str, set[str]]]
+    shapes: dict[str, dict[str, tuple[int, ...]]]
+    transfers: list[Transfer] = field(default_factory=list)
+    batch_size: int = 0
+
+    def bytes_per_step(self, stage: str | None = None) -> int:
+        return sum(t.bytes_per_step for t in self.transfers if stage is None or t.stage == stage)
+
+
+def active_edges(topology: Topology, stage: Stage) -> list[Edge]:
+    """The edges whose target this stage trains."""
+    return [e for e in topology.edges if e.target in stage.train]
+
+
+def needed_taps(topology: Topology, stage: Stage, losses: dict[int, object]) -> dict[str, set[str]]:
+    """Per peer, the taps a stage reads: every edge's source and target needs, plus logits."""
+    taps: dict[str, set[str]] = {p: {"logits"} for p in topology.config.peers}
+    for e in active_edges(topology, stage):
+        needs = losses[e.index].needs()
+        taps[e.target].update(needs.target)
+        for src in topology.peer_sources(e.source):
+            taps[src].update(needs.source if topology.kind(e.source) == "peer" else ("logits",))
+    return taps
+
+
+def peers_in_use(topology: Topology, stage: Stage) -> set[str]:
+    """Peers that must run forward in a stage: the trained ones and every source they learn from."""
+    used = set(stage.train)
+    for e in active_edges(topology, stage):
+        used |= topology.peer_sources(e.source)
+    return used
+
+
+def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) -> ExchangePlan:
+    """Dry-run every model and loss on a 2-sample batch; TopologyError on missing taps or shape mismatches."""
+    from ..data import dataset_info
+    from ..engine.build import build_loss, build_model_for
+    from ..models import TappedModel
+
+    c = topology.config
+    info = info or dataset_info(c.data)
+    dtype_bytes = dtype_bytes or (2 if c.train.precision in ("bf16", "fp16") else 4)
+    losses = {e.index: build_loss(e) for e in topology.edges}
+    stage_taps = [needed_taps(topology, s, losses) for s in topology.stages]
+    all_taps = {p: set().union(*(st[p] for st in stage_taps)) for p in c.peers}
+
+    for e in topology.edges:
+        needs = losses[e.index].needs()
+        extra = set(needs.source) - {"logits"}
+        if topology.kind(e.source) != "peer" and extra:
+            raise TopologyError(e.origin, f"{topology.kind(e.source)} '{e.source}' provides only logits, "
+                                          f"but loss '{e.loss}' reads {', '.join(sorted(extra))}")
+
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    x = torch.zeros(2, info.in_channels, *info.image_size)
+    for name, peer in c.peers.items():
+        model = build_model_for(peer, info)
+        try:
+            tapped = TappedModel(model, sorted(all_taps[name]))
+        except ValueError as err:
+            edge = next((e for e in topology.edges if name in (e.target, *topology.peer_sources(e.source))), None)
+            where = (f"{edge.origin}.tap" if edge is not None and "tap" in edge.params
+                     else edge.origin if edge is not None else f"peers.{name}")
+            raise TopologyError(where, f"peer '{name}' ({peer.model}): {err}") from None
+        model.eval()
+        with torch.no_grad():
+            out = tapped(x)
+        shapes[name] = {k: tuple(v.shape[1:]) for k, v in out.items()}
+        del tapped, model
+
+    logit_shape = (info.num_classes,)
+    for e in topology.edges:
+        src = shapes[e.source] if topology.kind(e.source) == "peer" else {"logits": logit_shape}
+        try:
+            losses[e.index].build({k: torch.Size(v) for k, v in src.items()},
+                                  {k: torch.Size(v) for k, v in shapes[e.target].items()})
+        except ValueError as err:
+            raise TopologyError(e.origin, f"{e.source}→{e.target} ({e.loss}): {err}") from None
+
+    transfers = []
+    for stage in topology.stages:
+        seen = set()
+        for e in active_edges(topology, stage):
+            needs = losses[e.index].needs()
+            for src in sorted(topology.peer_sources(e.source)):
+                taps = needs.source if topology.kind(e.source) == "peer" else ("logits",)
+                for tap in taps:
+                    key = (src, tap, e.target)
+                    if src == e.target or key in seen:
+                        continue
+                    seen.add(key)
+                    shape = shapes[src][tap]
+                    transfers.append(Transfer(stage.name, src, tap, e.target, shape,
+                                              math.prod(shape) * c.data.batch_size * dtype_bytes))
+    return ExchangePlan(stage_taps=stage_taps, shapes=shapes, transfers=transfers, batch_size=c.data.batch_size)

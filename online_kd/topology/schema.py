@@ -1,0 +1,179 @@
+"""The topology schema: every field a YAML may set, with its type and default.
+
+Loss-, combiner- and virtual-teacher-specific parameters are not listed here: those
+sections allow extra keys, and the registered class validates them with its own
+``Params`` model (so adding a method never touches this file).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """A section whose keys are all known: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Open(BaseModel):
+    """A section that carries extra, class-specific parameters (validated later)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def extras(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SyntheticSpec(Strict):
+    num_train: int = Field(512, ge=1)
+    num_test: int = Field(128, ge=1)
+    shape: tuple[int, int, int] = (3, 32, 32)
+    num_classes: int = Field(100, ge=2)
+
+
+class DataConfig(Strict):
+    dataset: Literal["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
+    root: str = "~/data"
+    download: bool = False
+    batch_size: int = Field(64, ge=1)
+    test_batch_size: int | None = Field(None, ge=1)
+    augment: Literal["standard", "none"] = "standard"
+    holdout: float = Field(0.0, ge=0.0, lt=1.0)
+    synthetic: SyntheticSpec = SyntheticSpec()
+    image_size: int | None = Field(None, ge=8)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(1, ge=1)
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    eval_every: int = Field(1, ge=1)
+    device: str = "auto"
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = False
+    weight_decay: float = Field(5.0e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "multistep", "step", "cosine"] = "constant"
+    milestones: list[int] = []
+    gamma: float = Field(0.1, gt=0)
+    step_size: int = Field(30, ge=1)
+    warmup_epochs: int = Field(0, ge=0)
+    eta_min: float = Field(0.0, ge=0)
+
+
+class PeerConfig(Strict):
+    """A network node."""
+
+    model: str
+    model_args: dict[str, Any] = {}
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    frozen: bool = False
+    init: str | None = None
+    replicas: int = Field(1, ge=1)
+    task_weight: float = Field(1.0, ge=0)
+
+
+class EnsembleConfig(Open):
+    """A virtual node combining members' logits (KDCL); combiner params are extra keys."""
+
+    members: list[str] = Field(min_length=1)
+    combine: str = "mean"
+
+
+class VirtualConfig(Open):
+    """A teacher with no network (label smoothing, Tf-KD); kind params are extra keys."""
+
+    kind: str
+
+
+class WeightSchedule(Strict):
+    name: Literal["constant", "linear_warmup", "step"] = "constant"
+    epochs: int = Field(0, ge=0)
+    milestones: list[int] = []
+    gamma: float = Field(0.1, ge=0)
+
+
+class EdgeConfig(Open):
+    """One distillation loss from a source node to one or more target peers.
+
+    A pattern entry (``pattern: all_pairs|ring|star|chain`` with ``over``) expands into
+    plain edges at load time; loss parameters are the extra keys.
+    """
+
+    source: str | None = Field(None, alias="from")
+    to: str | list[str] | None = None
+    loss: str
+    weight: float = Field(1.0, ge=0)
+    schedule: WeightSchedule = WeightSchedule()
+    until_epoch: int | None = Field(None, ge=0)
+    pattern: Literal["all_pairs", "ring", "star", "chain"] | None = None
+    over: list[str] | None = None
+    center: str | None = None
+
+    @model_validator(mode="after")
+    def _endpoints(self) -> "EdgeConfig":
+        if self.pattern is None:
+            if self.source is None or self.to is None:
+                raise ValueError("an edge needs 'from' and 'to' (or a 'pattern' with 'over')")
+        else:
+            if self.source is not None or self.to is not None:
+                raise ValueError(f"a '{self.pattern}' pattern takes 'over', not 'from'/'to'")
+            if not self.over or len(self.over) < (1 if self.pattern == "star" else 2):
+                raise ValueError(f"pattern '{self.pattern}' needs 'over' with at least 2 nodes")
+            if self.pattern == "star" and self.center is None:
+                raise ValueError("pattern 'star' needs 'center' (the node that teaches every node in 'over')")
+        return self
+
+
+class StageConfig(Strict):
+    """A training phase: which peers train and for how long; the others answer frozen."""
+
+    name: str | None = None
+    train: list[str]
+    epochs: int | None = Field(None, ge=1)  # None: train.epochs
+    after: list[str] = []
+
+
+class EngineConfig(Strict):
+    name: Literal["local", "ray"] = "local"
+    workers_per_peer: int = Field(1, ge=1)
+    resources_per_worker: dict[str, float] = {}
+    colocate: list[list[str]] = []
+    max_failures: int = Field(0, ge=-1)
+    report_every: int | None = Field(None, ge=1)
+
+
+class TrackingConfig(Strict):
+    enabled: bool = True
+    experiment: str | None = None
+    uri: str | None = None
+    run_name: str | None = None
+
+
+class TopologyConfig(Strict):
+    """The whole YAML."""
+
+    name: str
+    description: str | None = None
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    peers: dict[str, PeerConfig] = Field(min_length=1)
+    ensembles: dict[str, EnsembleConfig] = {}
+    virtual: dict[str, VirtualConfig] = {}
+    edges: list[EdgeConfig] = []
+    stages: list[StageConfig] = []
+    engine: EngineConfig = EngineConfig()
+    tracking: TrackingConfig = TrackingConfig()
