@@ -2,16 +2,28 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable
+
+_NEWLINES = re.compile(r"\s*[\r\n]+\s*")
+
+
+def one_line(text: object) -> str:
+    """``text`` on a single line (a wrapped library message joined with spaces)."""
+    return _NEWLINES.sub(" ", str(text)).strip()
 
 
 class TopologyError(ValueError):
     """A mistake in a topology, reported before any training as ``place: message``."""
 
     def __init__(self, place: str, message: str):
+        place, message = one_line(place), one_line(message) or "invalid"
         self.place = place
         self.message = message
         super().__init__(f"{place}: {message}" if place else message)
+
+    def __reduce__(self):  # picklable (Ray workers send errors back)
+        return type(self), (self.place, self.message)
 
 
 class DivergenceError(RuntimeError):
@@ -28,6 +40,7 @@ class DivergenceError(RuntimeError):
 def suggest(name: str, choices: Iterable[str], what: str) -> str:
     """'unknown X 'name' (did you mean a, b?)' with the closest known names, or the full list."""
     choices = sorted(set(choices))
+    name = str(name)
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
     if close:
         return f"unknown {what} '{name}' (did you mean {', '.join(close)}?)"

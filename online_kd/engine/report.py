@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..topology.graph import Stage, Topology
@@ -80,7 +81,12 @@ class Reporter:
             return None
 
     def _start_tracker(self, graph: Path | None) -> None:
+        import logging
+
         from ..tracking import RunTracker, default_tracking_uri
+
+        for noisy in ("mlflow", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
         c = self.topology.config
         if self._tracker_state:
@@ -111,7 +117,7 @@ class Reporter:
         if self.progress is not None:
             if self._task is not None:
                 self.progress.remove_task(self._task)
-            desc = f"epoch {epoch + 1}/{self.topology.total_epochs}" + (f" [{stage.name}]" if len(self.topology.stages) > 1 else "")
+            desc = f"epoch {epoch + 1}/{self.topology.total_epochs}" + (escape(f" [{stage.name}]") if len(self.topology.stages) > 1 else "")
             self._task = self.progress.add_task(desc, total=self.steps_per_epoch, info="")
 
     def step_done(self) -> None:
@@ -134,7 +140,7 @@ class Reporter:
         accs = " · ".join(f"{n} {m['top1']:.1f}%" for n, m in nodes.items() if "top1" in m)
         losses = " · ".join(f"{n} loss {m['loss']:.3f}" for n, m in nodes.items() if "loss" in m)
         self.console.print(f"epoch {epoch + 1}/{self.topology.total_epochs}"
-                           + (f" [{stage.name}]" if len(self.topology.stages) > 1 else "")
+                           + (escape(f" [{stage.name}]") if len(self.topology.stages) > 1 else "")
                            + f"  {accs or losses}  ({seconds:.1f}s)")
 
     def best(self, node: str) -> tuple[float, int] | None:

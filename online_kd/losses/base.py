@@ -61,5 +61,13 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float, r
     """KL(softmax(t/T) ‖ softmax(s/T)) · T², reduced as 'batchmean' (÷B) or 'mean' (÷B·C)."""
     logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     logq = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = torch.nn.functional.kl_div(logp, logq, reduction=reduction, log_target=True)
-    return kl * temperature * temperature
+    return kl_from_log_probs(logp, logq, reduction) * temperature * temperature
+
+
+def kl_from_log_probs(logp: Tensor, logq: Tensor, reduction: str = "batchmean") -> Tensor:
+    """KL(q ‖ p) summed, then ÷B ('batchmean') or ÷B·C ('mean', i.e. ``nn.KLDivLoss()``'s default).
+
+    The division is explicit because PyTorch plans to make ``reduction='mean'`` mean batchmean.
+    """
+    total = torch.nn.functional.kl_div(logp, logq, reduction="sum", log_target=True)
+    return total / (logp.shape[0] if reduction == "batchmean" else logp.numel())

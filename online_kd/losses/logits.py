@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import EdgeLoss, Params, kl_div
+from .base import EdgeLoss, Params, kl_div, kl_from_log_probs
 from .registry import register_loss
 
 
@@ -74,5 +74,4 @@ class TfKD(EdgeLoss):
         p = self.params
         logp = torch.log_softmax(target["logits"].float(), dim=-1)
         logq = torch.log_softmax(source["logits"].float(), dim=-1)
-        kl = torch.nn.functional.kl_div(logp, logq, reduction=p.reduction, log_target=True)
-        return p.alpha * p.multiplier * kl
+        return p.alpha * p.multiplier * kl_from_log_probs(logp, logq, p.reduction)

@@ -6,7 +6,7 @@ sections allow extra keys, and the registered class validates them with its own
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,13 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Strict(BaseModel):
     """A section whose keys are all known: unknown keys are an error."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class Open(BaseModel):
     """A section that carries extra, class-specific parameters (validated later)."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     def extras(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -29,7 +29,7 @@ class Open(BaseModel):
 class SyntheticSpec(Strict):
     num_train: int = Field(512, ge=1)
     num_test: int = Field(128, ge=1)
-    shape: tuple[int, int, int] = (3, 32, 32)
+    shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (3, 32, 32)
     num_classes: int = Field(100, ge=2)
 
 
@@ -61,7 +61,7 @@ class OptimizerConfig(Strict):
     momentum: float = Field(0.9, ge=0)
     nesterov: bool = False
     weight_decay: float = Field(5.0e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
 
 
 class ScheduleConfig(Strict):
@@ -131,8 +131,9 @@ class EdgeConfig(Open):
         else:
             if self.source is not None or self.to is not None:
                 raise ValueError(f"a '{self.pattern}' pattern takes 'over', not 'from'/'to'")
-            if not self.over or len(self.over) < (1 if self.pattern == "star" else 2):
-                raise ValueError(f"pattern '{self.pattern}' needs 'over' with at least 2 nodes")
+            least = 1 if self.pattern == "star" else 2
+            if not self.over or len(self.over) < least:
+                raise ValueError(f"pattern '{self.pattern}' needs 'over' with at least {least} node{'s' * (least > 1)}")
             if self.pattern == "star" and self.center is None:
                 raise ValueError("pattern 'star' needs 'center' (the node that teaches every node in 'over')")
         return self
