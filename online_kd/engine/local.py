@@ -28,6 +28,8 @@ class RunOptions:
     tracking: bool = True
     quiet: bool = False
     extra_tags: dict[str, str] = field(default_factory=dict)
+    record_steps: bool = False  # write each step's per-peer loss to <out>/steps/ (engine equivalence checks)
+    profile: bool = False       # ray engine: time compute, waiting and exchange per step into <out>/profile/
 
 
 def seed_everything(seed: int) -> None:
@@ -75,6 +77,9 @@ class LocalEngine:
         holdout = BatchStream(data.holdout, c.data.test_batch_size or bs, c.train.seed, shuffle=False) \
             if data.holdout is not None else None
 
+        if self.opt.record_steps:
+            (self.opt.out_dir / "steps").mkdir(parents=True, exist_ok=True)
+            rt.step_log = open(self.opt.out_dir / "steps" / "local.jsonl", "a")
         ckpt_root = self.opt.out_dir / "checkpoints"
         state = self._resume(rt, ckpt_root) if self.opt.resume else None
         reporter = Reporter(topo, self.opt, history=state["history"] if state else [],

@@ -70,6 +70,14 @@ class Reporter:
                                      console=self.console, transient=True)
             self.progress.start()
 
+    def attach(self) -> None:
+        """Join runs another process opened (the ray engine's controller-side callback)."""
+        self.steps_per_epoch = 0
+        if self._tracker_state:
+            from ..tracking import RunTracker
+
+            self.tracker = RunTracker.resume(self._tracker_state)
+
     def _draw_graph(self) -> Path | None:
         try:
             from ..plot import draw_topology

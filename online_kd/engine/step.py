@@ -6,8 +6,10 @@ worker only its own and receives the other peers' taps before computing losses.
 from __future__ import annotations
 
 import contextlib
+import json
+import hashlib
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,11 @@ from .build import build_combiner, build_loss, build_model_for, build_optimizer,
 Outputs = dict[str, dict[str, Tensor]]
 
 
+def peer_seed(seed: int, name: str) -> int:
+    """A peer's own seed, derived from the run's seed and its name."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,7 +43,10 @@ class Peer(nn.Module):
         super().__init__()
         cfg = topology.config.peers[name]
         self.peer_name, self.cfg = name, cfg
-        self.net = build_model_for(cfg, info)
+        with torch.random.fork_rng(devices=[]):
+            # each peer's initial weights depend on (seed, name) only, not on which process builds it
+            torch.manual_seed(peer_seed(topology.config.train.seed, name))
+            self.net = build_model_for(cfg, info)
         if cfg.init:
             self.net.load_state_dict(ckpt.load_init(cfg.init))
         self.tapped = TappedModel(self.net)
@@ -118,19 +128,23 @@ class Runtime:
         self.precision = c.train.precision
         self.stage: Stage | None = None
         self.global_step = 0
+        self.step_log = None  # an open file: one JSON line per step and trained peer (equivalence tests)
+        self.grad_sync: Callable[[list[Peer]], None] | None = None  # replicas average gradients here
 
     def _build_edge_modules(self) -> None:
         """Let each owned edge loss see its taps' shapes (one dry forward) and create its modules."""
         from ..topology.plan import build_plan
 
-        plan = build_plan(self.topology, self.info)
+        plan = self.plan = build_plan(self.topology, self.info)
         logit_shape = torch.Size((self.info.num_classes,))
         for e in self.topology.edges:
             if e.index not in self.losses:
                 continue
             src = plan.shapes[e.source] if self.topology.kind(e.source) == "peer" else {"logits": logit_shape}
-            self.losses[e.index].build({k: torch.Size(v) for k, v in src.items()},
-                                       {k: torch.Size(v) for k, v in plan.shapes[e.target].items()})
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(peer_seed(self.topology.config.train.seed, e.key))
+                self.losses[e.index].build({k: torch.Size(v) for k, v in src.items()},
+                                           {k: torch.Size(v) for k, v in plan.shapes[e.target].items()})
             self.losses[e.index].to(self.device)
 
     # ------------------------------------------------------------------ stage
@@ -213,6 +227,8 @@ class Runtime:
             p.optimizer.zero_grad(set_to_none=True)
         scaled = [p.scaler.scale(totals[p.peer_name]) for p in peers]
         torch.stack(scaled).sum().backward() if len(scaled) > 1 else scaled[0].backward()
+        if self.grad_sync is not None:
+            self.grad_sync(peers)
         for p in peers:
             p.scaler.step(p.optimizer)
             p.scaler.update()
@@ -248,6 +264,10 @@ class Runtime:
             result.correct[name] = (outs[name]["logits"].detach().argmax(1) == batch.y).sum()
         if totals:
             self.check_finite(totals, result.terms, epoch)
+            if self.step_log is not None:
+                for name, t in totals.items():
+                    self.step_log.write(json.dumps({"step": self.global_step, "peer": name, "loss": float(t.detach())}) + "\n")
+                self.step_log.flush()
             self.update(totals)
         self.global_step += 1
         return result

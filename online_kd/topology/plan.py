@@ -63,16 +63,33 @@ def peers_in_use(topology: Topology, stage: Stage) -> set[str]:
     return used
 
 
+def _param_naming(edge: Edge, tap: str) -> str | None:
+    """The edge parameter whose value names ``tap`` (e.g. ``tap: stage2``), if any."""
+    for key, value in edge.params.items():
+        if value == tap or (isinstance(value, (list, tuple)) and tap in value):
+            return key
+    return None
+
+
 def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) -> ExchangePlan:
     """Dry-run every model and loss on a 2-sample batch; TopologyError on missing taps or shape mismatches."""
     from ..data import dataset_info
     from ..engine.build import build_loss, build_model_for
-    from ..models import TappedModel
+    from ..models import TappedModel, resolve_tap
 
     c = topology.config
-    info = info or dataset_info(c.data)
+    if info is None:
+        try:
+            info = dataset_info(c.data)
+        except OSError as err:
+            raise TopologyError("data.root", f"cannot read the data set's folders ({err})") from None
     dtype_bytes = dtype_bytes or (2 if c.train.precision in ("bf16", "fp16") else 4)
-    losses = {e.index: build_loss(e) for e in topology.edges}
+    losses = {}
+    for e in topology.edges:
+        try:
+            losses[e.index] = build_loss(e)
+        except (KeyError, ValueError, TypeError) as err:  # only reachable with load_topology(check=False)
+            raise TopologyError(e.origin, f"cannot build loss '{e.loss}': {err}") from None
     stage_taps = [needed_taps(topology, s, losses) for s in topology.stages]
     all_taps = {p: set().union(*(st[p] for st in stage_taps)) for p in c.peers}
 
@@ -83,21 +100,50 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
             raise TopologyError(e.origin, f"{topology.kind(e.source)} '{e.source}' provides only logits, "
                                           f"but loss '{e.loss}' reads {', '.join(sorted(extra))}")
 
+    shape_text = "×".join(str(d) for d in (2, info.in_channels, *info.image_size))
+    models = {}
+    for name, peer in c.peers.items():
+        where = f"peers.{name}.model_args" if peer.model_args else f"peers.{name}.model"
+        try:
+            models[name] = build_model_for(peer, info)
+        except Exception as err:  # a model's constructor may reject its arguments in any way
+            raise TopologyError(where, f"cannot build '{peer.model}' for {info.in_channels}-channel inputs and "
+                                       f"{info.num_classes} classes: {type(err).__name__}: {err}") from None
+
+    for e in topology.edges:  # every tap an edge reads exists on the peers it reads it from
+        needs = losses[e.index].needs()
+        sources = sorted(topology.peer_sources(e.source)) if topology.kind(e.source) == "peer" else []
+        for peers, taps in ((sources, needs.source), ([e.target], needs.target)):
+            for p in peers:
+                for tap in taps:
+                    try:
+                        resolve_tap(models[p], tap)
+                    except ValueError as err:
+                        param = _param_naming(e, tap)
+                        raise TopologyError(f"{e.origin}.{param}" if param else e.origin,
+                                            f"peer '{p}' ({c.peers[p].model}) has {err} — loss '{e.loss}' on "
+                                            f"{e.source}→{e.target} reads it") from None
+
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     x = torch.zeros(2, info.in_channels, *info.image_size)
     for name, peer in c.peers.items():
-        model = build_model_for(peer, info)
+        model = models.pop(name)
+        where = f"peers.{name}.model_args" if peer.model_args else f"peers.{name}.model"
         try:
             tapped = TappedModel(model, sorted(all_taps[name]))
         except ValueError as err:
-            edge = next((e for e in topology.edges if name in (e.target, *topology.peer_sources(e.source))), None)
-            where = (f"{edge.origin}.tap" if edge is not None and "tap" in edge.params
-                     else edge.origin if edge is not None else f"peers.{name}")
-            raise TopologyError(where, f"peer '{name}' ({peer.model}): {err}") from None
+            raise TopologyError(f"peers.{name}", f"'{peer.model}': {err}") from None
         model.eval()
-        with torch.no_grad():
-            out = tapped(x)
+        try:
+            with torch.no_grad():
+                out = tapped(x)
+        except Exception as err:  # whatever the model's forward raises on this input
+            raise TopologyError(where, f"'{peer.model}' fails a dry forward on a {shape_text} batch "
+                                       f"({info.name}): {type(err).__name__}: {err}") from None
         shapes[name] = {k: tuple(v.shape[1:]) for k, v in out.items()}
+        if shapes[name]["logits"] != (info.num_classes,):
+            raise TopologyError(where, f"'{peer.model}' gives logits of shape {list(shapes[name]['logits'])} per "
+                                       f"sample, not [{info.num_classes}] ({info.name} has {info.num_classes} classes)")
         del tapped, model
 
     logit_shape = (info.num_classes,)
@@ -106,7 +152,7 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
         try:
             losses[e.index].build({k: torch.Size(v) for k, v in src.items()},
                                   {k: torch.Size(v) for k, v in shapes[e.target].items()})
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:
             raise TopologyError(e.origin, f"{e.source}→{e.target} ({e.loss}): {err}") from None
 
     transfers = []

@@ -1,27 +1,54 @@
 """Checks that need more than the schema: names, registries, stages, who can learn from whom."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+import difflib
+import math
+from typing import Any, Mapping, Sequence
 
+import torch
 from pydantic import BaseModel, ValidationError
 
 from ..errors import TopologyError, suggest
 from .graph import Topology
+from .load import _SAFE_KEY, _message, place
+from .schema import EdgeConfig, EnsembleConfig, VirtualConfig
 
 
-def validate_params(cls: type[BaseModel], params: Mapping[str, Any], where: str) -> BaseModel:
-    """A class's ``Params`` from YAML keys, errors placed under ``where``."""
+def validate_params(cls: type[BaseModel], params: Mapping[str, Any], where: str,
+                    what: str = "this kind", common: Sequence[str] = ()) -> BaseModel:
+    """A class's ``Params`` from YAML keys, errors placed under ``where``.
+
+    ``what`` names the class in messages ("loss 'kd'"); ``common`` are the keys the
+    section itself takes besides the class's (listed in 'unknown key' errors).
+    """
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            safe = isinstance(key, str) and _SAFE_KEY.match(key)
+            raise TopologyError(f"{where}.{key}" if safe else where,
+                                ("" if safe else f"key {key!r}: ") + f"must be a finite number (got {value})")
     try:
         return cls.model_validate(dict(params))
     except ValidationError as err:
         e = err.errors()[0]
-        key = ".".join(str(p) for p in e["loc"])
+        loc = [p for p in e["loc"] if p != "[key]"]
+        safe = all(isinstance(p, int) or _SAFE_KEY.match(str(p)) for p in loc)
+        sub = place(loc) if safe else ""
+        key = loc[0] if loc else None
         if e["type"] == "extra_forbidden":
-            allowed = ", ".join(cls.model_fields) or "none"
-            msg = f"unknown parameter for this kind (allowed: {allowed})"
+            allowed = list(cls.model_fields)
+            close = difflib.get_close_matches(str(key), [*allowed, *common], n=1, cutoff=0.6)
+            msg = "unknown key" + ("" if safe else f" {key!r}") + (f", did you mean '{close[0]}'?" if close else "")
+            msg += f" ({what} takes " + (", ".join(allowed) or "no parameters")
+            msg += (f"; besides {', '.join(common)})" if common else ")")
         else:
-            msg = e["msg"] + (f" (got {e['input']!r})" if not isinstance(e.get("input"), (dict, list)) else "")
-        raise TopologyError(f"{where}.{key}" if key else where, msg) from None
+            msg = _message(e)
+            if not safe:
+                msg = f"key {key!r}: {msg}"
+        raise TopologyError(f"{where}.{sub}" if sub else where, msg) from None
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or n for n, f in model.model_fields.items()]
 
 
 def check_topology(topology: Topology) -> None:
@@ -38,6 +65,12 @@ def check_topology(topology: Topology) -> None:
             seen[name] = section
     nodes_hint = _nodes_hint(topology)
 
+    if c.train.device != "auto":
+        try:
+            torch.device(c.train.device)
+        except (RuntimeError, ValueError, TypeError):
+            raise TopologyError("train.device", f"not a device: '{c.train.device}' (auto, cpu, cuda, cuda:1, mps, …)") from None
+
     for name, peer in c.peers.items():
         if not is_known_model(peer.model):
             raise TopologyError(f"peers.{name}.model", suggest(peer.model, model_names(), "model"))
@@ -51,7 +84,8 @@ def check_topology(topology: Topology) -> None:
         if ens.combine not in COMBINERS:
             raise TopologyError(f"ensembles.{name}.combine", suggest(ens.combine, COMBINERS, "combiner"))
         comb = COMBINERS[ens.combine]
-        params = validate_params(comb.Params, ens.extras(), f"ensembles.{name}")
+        params = validate_params(comb.Params, ens.extras(), f"ensembles.{name}", f"combiner '{ens.combine}'",
+                                 _keys(EnsembleConfig))
         if "refit_every" in type(params).model_fields and c.data.holdout <= 0:
             raise TopologyError(f"ensembles.{name}.combine",
                                 f"'{ens.combine}' refits on a held-out split: set data.holdout (e.g. 0.1)")
@@ -59,52 +93,80 @@ def check_topology(topology: Topology) -> None:
     for name, v in c.virtual.items():
         if v.kind not in VIRTUAL_TEACHERS:
             raise TopologyError(f"virtual.{name}.kind", suggest(v.kind, VIRTUAL_TEACHERS, "virtual teacher"))
-        validate_params(VIRTUAL_TEACHERS[v.kind].Params, v.extras(), f"virtual.{name}")
+        validate_params(VIRTUAL_TEACHERS[v.kind].Params, v.extras(), f"virtual.{name}", f"virtual teacher '{v.kind}'",
+                        _keys(VirtualConfig))
 
     stages = topology.stages  # raises for unknown/cyclic 'after'
     for s in stages:
         if not s.train:
+            if not c.stages:
+                raise TopologyError("peers", "every peer is frozen, so nothing trains (unfreeze one, or add stages)")
             raise TopologyError(f"{s.origin}.train", "the stage trains nothing (list the peers it trains)")
         for i, p in enumerate(s.train):
             if topology.kind(p) != "peer":
-                raise TopologyError(f"{s.origin}.train[{i}]", f"unknown peer '{p}' (peers: {', '.join(c.peers)})")
+                raise TopologyError(f"{s.origin}.train[{i}]", suggest(p, c.peers, "peer"))
             if c.peers[p].frozen:
                 raise TopologyError(f"{s.origin}.train[{i}]", f"peer '{p}' is frozen: remove 'frozen' or the stage entry")
+            if p in s.train[:i]:
+                raise TopologyError(f"{s.origin}.train[{i}]", f"peer '{p}' is listed twice")
 
+    for i, cfg in enumerate(c.edges):
+        if cfg.pattern is None and isinstance(cfg.to, list) and not cfg.to:
+            raise TopologyError(f"edges[{i}].to", "lists no target peer")
+
+    edge_keys: dict[tuple[str, str, str], str] = {}
     for e in topology.edges:
-        where = e.origin + (f" ({e.pattern} {e.source}→{e.target})" if e.pattern else "")
+        how = f" ({e.pattern} {e.source}→{e.target})" if e.pattern else ""
+
+        def at(role: str) -> str:
+            """The YAML key that put ``role`` ('from'/'to') of this edge there."""
+            if not e.pattern:
+                return f"{e.origin}.{role}"
+            return f"{e.origin}.center" if e.pattern == "star" and role == "from" else f"{e.origin}.over"
+
         for role, node in (("from", e.source), ("to", e.target)):
             if topology.kind(node) is None:
-                field = "over" if e.pattern else role
-                if e.pattern == "star" and node == e.source:
-                    field = "center"
-                raise TopologyError(f"{e.origin}.{field}", f"unknown node '{node}' ({nodes_hint})")
+                raise TopologyError(at(role), f"unknown node '{node}' ({nodes_hint})")
         if topology.kind(e.target) != "peer":
-            raise TopologyError(f"{e.origin}.to", f"'{e.target}' is {topology.kind(e.target)}: only peers learn")
+            raise TopologyError(at("to"), f"'{e.target}' is a {topology.kind(e.target)} node: only peers learn{how}")
         if e.loss not in LOSSES:
             raise TopologyError(f"{e.origin}.loss", suggest(e.loss, LOSSES, "loss"))
         loss = LOSSES[e.loss]
-        validate_params(loss.Params, e.params, e.origin)
+        validate_params(loss.Params, e.params, e.origin, f"loss '{e.loss}'", _keys(EdgeConfig))
         if e.source == e.target and not loss.allows_self:
-            raise TopologyError(where, f"loss '{e.loss}' does not allow a self-edge ({e.source}→{e.target})")
+            raise TopologyError(at("to"), f"loss '{e.loss}' does not allow a self-edge" + (how or f" ({e.source}→{e.target})"))
         if topology.kind(e.source) not in loss.source_kinds:
-            raise TopologyError(f"{e.origin}.from",
+            raise TopologyError(at("from"),
                                 f"loss '{e.loss}' takes a source of kind {', '.join(sorted(loss.source_kinds))}, "
                                 f"not the {topology.kind(e.source)} '{e.source}'")
+        key = (e.loss, e.source, e.target)
+        if key in edge_keys:
+            raise TopologyError(at("to"), f"the {e.loss} edge {e.source}→{e.target} is already given by {edge_keys[key]}")
+        edge_keys[key] = e.origin + how
         target_stage = topology.trained_stage(e.target)
         if target_stage is None:
             why = "frozen" if c.peers[e.target].frozen else "in no stage's 'train' list"
-            raise TopologyError(where, f"edge into '{e.target}', which is never trained ({why})")
-        for src in topology.peer_sources(e.source):
+            raise TopologyError(at("to"), f"edge into '{e.target}', which is never trained ({why}){how}")
+        for src in sorted(topology.peer_sources(e.source)):
             src_stage = topology.trained_stage(src)
-            if src_stage is not None and src_stage > target_stage and not c.peers[src].init:
-                raise TopologyError(where, f"'{src}' is first trained in stage '{stages[src_stage].name}', after "
-                                           f"'{e.target}' (stage '{stages[target_stage].name}'): it would teach untrained")
+            if c.peers[src].init:
+                continue
+            if src_stage is None:
+                raise TopologyError(at("from"), f"'{src}' is in no stage's 'train' list and has no 'init': "
+                                                f"it would teach '{e.target}' untrained{how}")
+            if src_stage > target_stage:
+                raise TopologyError(at("from"), f"'{src}' is first trained in stage '{stages[src_stage].name}', after "
+                                                f"'{e.target}' (stage '{stages[target_stage].name}'): it would teach "
+                                                f"untrained{how}")
 
+    colocated: dict[str, int] = {}
     for i, group in enumerate(c.engine.colocate):
         for j, p in enumerate(group):
             if topology.kind(p) != "peer":
                 raise TopologyError(f"engine.colocate[{i}][{j}]", f"unknown peer '{p}' (peers: {', '.join(c.peers)})")
+            if p in colocated:
+                raise TopologyError(f"engine.colocate[{i}][{j}]", f"peer '{p}' is already in colocate[{colocated[p]}]")
+            colocated[p] = i
 
 
 def _nodes_hint(topology: Topology) -> str:

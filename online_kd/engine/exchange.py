@@ -1,0 +1,121 @@
+"""Moving taps between Ray workers every step, over torch.distributed.
+
+Placement gives each worker a group of peers and a replica index; replica r of every group
+exchanges only with replica r of the others. A stage whose graph is dense in logits (every
+worker needs every other worker's logits, e.g. DML, KDCL) uses one ``all_gather``; any other
+stage sends each needed tap along its edges with ``batch_isend_irecv``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..topology.graph import Stage, Topology
+from ..topology.plan import ExchangePlan
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One Ray Train worker: its rank, the peers it holds and their replica index."""
+
+    rank: int
+    peers: tuple[str, ...]
+    replica: int
+
+
+def placement(topology: Topology) -> list[Worker]:
+    """Colocated groups share a worker; every other peer gets its own; one worker per replica."""
+    c = topology.config
+    groups = [tuple(g) for g in c.engine.colocate]
+    grouped = {p for g in groups for p in g}
+    groups += [(p,) for p in c.peers if p not in grouped]
+    replicas = max(p.replicas for p in c.peers.values())
+    return [Worker(rank=i * replicas + r, peers=g, replica=r)
+            for i, g in enumerate(groups) for r in range(replicas)]
+
+
+def exchange_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One tap of one peer, sent from one worker to another each step."""
+
+    peer: str
+    tap: str
+    src: int
+    dst: int
+    shape: tuple[int, ...]
+
+
+class Exchange:
+    """The per-stage routes of this worker and the collective that serves them."""
+
+    def __init__(self, topology: Topology, plan: ExchangePlan, workers: list[Worker], me: Worker,
+                 group, device: torch.device, dtype: torch.dtype):
+        self.topology, self.plan, self.workers, self.me = topology, plan, workers, me
+        self.group, self.device, self.dtype = group, device, dtype
+        self.home = {(p, w.replica): w.rank for w in workers for p in w.peers}
+        self.mates = [w.rank for w in workers if w.replica == me.replica]  # my exchange group, in rank order
+        self.routes: list[Route] = []
+        self.dense = False
+        self.bytes_sent = 0
+
+    def enter_stage(self, stage: Stage) -> None:
+        """Routes for a stage: the plan's transfers between different workers, each tap once per worker."""
+        seen, routes = set(), []
+        r = self.me.replica
+        for t in self.plan.transfers:
+            if t.stage != stage.name:
+                continue
+            src, dst = self.home[(t.source, r)], self.home[(t.target, r)]
+            if src == dst or (t.source, t.tap, dst) in seen:
+                continue
+            seen.add((t.source, t.tap, dst))
+            routes.append(Route(t.source, t.tap, src, dst, tuple(t.shape)))
+        self.routes = routes
+        one_peer_each = all(len(w.peers) == 1 for w in self.workers)
+        pairs = {(x.src, x.dst) for x in routes}
+        full = {(a, b) for a in self.mates for b in self.mates if a != b}
+        self.dense = one_peer_each and len(self.mates) > 1 and all(x.tap == "logits" for x in routes) and pairs == full
+
+    def __call__(self, outs: dict[str, dict[str, Tensor]], batch_size: int) -> dict[str, dict[str, Tensor]]:
+        """Received taps, keyed like ``outs`` (peer → tap → tensor), detached."""
+        if not self.routes:
+            return {}
+        if self.dense:
+            return self._all_gather(outs, batch_size)
+        return self._p2p(outs, batch_size)
+
+    def _all_gather(self, outs, batch_size):
+        mine = self.me.peers[0]
+        send = outs[mine]["logits"].detach().to(self.dtype).contiguous()
+        bufs = [torch.empty_like(send) for _ in self.mates]
+        dist.all_gather(bufs, send, group=self.group)
+        self.bytes_sent += send.numel() * send.element_size()
+        got = {}
+        for rank, buf in zip(self.mates, bufs):
+            if rank != self.me.rank:
+                peer = next(w.peers[0] for w in self.workers if w.rank == rank)
+                got[peer] = {"logits": buf}
+        return got
+
+    def _p2p(self, outs, batch_size):
+        ops, got = [], {}
+        for x in self.routes:
+            if x.src == self.me.rank:
+                t = outs[x.peer][x.tap].detach().to(self.dtype).contiguous()
+                ops.append(dist.P2POp(dist.isend, t, x.dst))
+                self.bytes_sent += t.numel() * t.element_size()
+            elif x.dst == self.me.rank:
+                buf = torch.empty((batch_size, *x.shape), dtype=self.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, buf, x.src))
+                got.setdefault(x.peer, {})[x.tap] = buf
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return got

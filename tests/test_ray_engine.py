@@ -1,0 +1,138 @@
+"""The ray engine on a real local Ray instance with CPU workers over gloo.
+
+Same numbers as the local engine step by step, replicas equal to a bigger batch, a worker killed
+mid-run and the run finishing from its last checkpoint with one unbroken MLflow history.
+"""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from online_kd.engine import checkpoint as ckpt
+from online_kd.engine.local import LocalEngine, RunOptions
+from online_kd.engine.ray import RayEngine
+from online_kd.topology import load_topology
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    ray.init(num_cpus=5, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def quick(name, **overrides):
+    raw = yaml.safe_load((ROOT / "topologies" / "quick" / f"{name}.yaml").read_text())
+    return load_topology(raw, {"train.threads": 1, **overrides})
+
+
+def run(engine, topo, out, **kw):
+    kw = {"tracking": False, "quiet": True, "record_steps": True, **kw}
+    return engine(topo, RunOptions(out_dir=Path(out), **kw)).run()
+
+
+def step_losses(out: Path) -> dict[tuple[int, str], float]:
+    losses = {}
+    for f in (out / "steps").glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            losses[(r["step"], r["peer"])] = r["loss"]
+    return losses
+
+
+def final_weights(out: Path, peer: str) -> dict[str, torch.Tensor]:
+    return ckpt.load(ckpt.latest_checkpoint(out / "checkpoints") / ckpt.peer_file(peer))["model"]
+
+
+def assert_same_weights(out_a, out_b, peers, tol=1e-5):
+    for p in peers:
+        a, b = final_weights(out_a, p), final_weights(out_b, p)
+        for k in a:
+            if a[k].is_floating_point():
+                assert (a[k] - b[k]).abs().max().item() <= tol, (p, k)
+            else:
+                assert torch.equal(a[k], b[k]), (p, k)
+
+
+@pytest.mark.parametrize("name", ["dml", "kdcl"])
+def test_ray_engine_matches_local_step_by_step(tmp_path, name):
+    topo = quick(name, **{"train.epochs": 2})
+    local = run(LocalEngine, topo, tmp_path / "local")
+    distributed = run(RayEngine, topo, tmp_path / "ray")
+    a, b = step_losses(tmp_path / "local"), step_losses(tmp_path / "ray")
+    assert a.keys() == b.keys() and len(a) == 2 * 23 * len(topo.config.peers)
+    worst = max(abs(a[k] - b[k]) for k in a)
+    assert worst <= 1e-5, worst
+    assert_same_weights(tmp_path / "local", tmp_path / "ray", topo.config.peers)
+    for p in topo.config.peers:
+        assert local["peers"][p]["top1_last"] == distributed["peers"][p]["top1_last"]
+    if name == "kdcl":
+        assert distributed["ensembles"]["teacher"]["top1_last"] == local["ensembles"]["teacher"]["top1_last"]
+
+
+def test_two_replicas_match_one_with_the_whole_batch(tmp_path):
+    raw = yaml.safe_load((ROOT / "topologies" / "quick" / "dml.yaml").read_text())
+    raw["peers"]["a"]["model"] = "mlp"  # no BatchNorm: replicas see half-batch statistics otherwise
+    raw["train"].update(epochs=1, threads=1)
+    raw["data"]["batch_size"] = 64
+    one = load_topology(raw)
+    raw["peers"]["a"]["replicas"] = 2
+    raw["peers"]["b"]["replicas"] = 2
+    two = load_topology(raw)
+    run(LocalEngine, one, tmp_path / "one")
+    summary = run(RayEngine, two, tmp_path / "two")
+    assert set(summary["peers"]) == {"a", "b"}
+    assert_same_weights(tmp_path / "one", tmp_path / "two", ["a", "b"], tol=1e-5)
+
+
+def test_killed_worker_resumes_from_checkpoint_with_one_unbroken_history(tmp_path):
+    epochs = 12
+    topo = quick("dml", **{"train.epochs": epochs, "engine.max_failures": 1})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "ray"
+    killed = {}
+
+    def kill_rank1_mid_run():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                pid = int((out / "pids" / "rank1.pid").read_text())
+                os.kill(pid, signal.SIGKILL)  # a real worker death, not an exception of ours
+                killed["pid"], killed["after"] = pid, len(metrics.read_text().splitlines())
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_rank1_mid_run, daemon=True)
+    watcher.start()
+    summary = run(RayEngine, topo, out, tracking=True, tracking_uri=uri, record_steps=False)
+    watcher.join(timeout=5)
+    assert killed and killed["after"] < epochs, "the worker was not killed mid-run"
+    assert int((out / "pids" / "rank1.pid").read_text()) != killed["pid"]  # a new worker took over
+    reference = run(LocalEngine, topo, tmp_path / "local", record_steps=False)
+    assert summary["finished"] and summary["epochs"] == epochs
+    for p in ("a", "b"):
+        assert summary["peers"][p]["top1_last"] == reference["peers"][p]["top1_last"]
+    assert_same_weights(out, tmp_path / "local", ["a", "b"])
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("quick")
+    runs = client.search_runs([exp.experiment_id])
+    peers = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert set(peers) == {"a", "b"}
+    for run_ in peers.values():
+        steps = sorted(m.step for m in client.get_metric_history(run_.info.run_id, "top1"))
+        assert steps == list(range(epochs))  # no duplicated or missing epochs
+        assert run_.info.status == "FINISHED"
