@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--readme", action="store_true", help="write the table into README.md")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +106,13 @@ def main() -> None:
     print(f"local-engine DML step vs hand-written loop ({machine})")
     for r in results:
         print(f"  {r['case']:<22} engine {r['engine_ms']:8.2f} ms   hand {r['hand_ms']:8.2f} ms   ratio {r['ratio']:.3f}")
+    if args.readme:
+        from readme import machine as where, update_readme
+
+        rows = ["| case | engine step ms | hand-written ms | ratio |", "|---|---|---|---|"]
+        rows += [f"| {r['case']} | {r['engine_ms']:.2f} | {r['hand_ms']:.2f} | {r['ratio']:.3f} |" for r in results]
+        update_readme("overhead", "\n".join(rows) + f"\n\nMeasured on {where()}, medians of {args.rounds} alternating "
+                      f"rounds of {args.steps} steps.")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@
 #   * a runtime_env `pip` list (installed per job into a cached virtualenv on each node; slow the
 #     first time, needs network from the nodes), e.g. add to OKD_SUBMIT_ARGS a --runtime-env file;
 #   * on a laptop / local cluster: nothing, the package is already installed.
-# The upload (working_dir) is capped by Ray (a few hundred MiB; keep it small): runs, data,
+# The upload (working_dir) must stay under 512 MiB (Ray's max gRPC message; keep it small): runs, data,
 # MLflow stores, checkpoints and .git are excluded below, and Ray also skips .gitignore'd files.
 #
 # Example (laptop):
@@ -79,7 +79,7 @@ export RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
 
 # --- token authentication (Ray >= 2.59) -------------------------------------------------------
 if [[ -z "${RAY_AUTH_MODE:-}" ]]; then
-    if [[ -n "${RAY_AUTH_TOKEN:-}" || -n "${RAY_AUTH_TOKEN_PATH:-}" || -f "$HOME/.ray/auth_token" ]]; then
+    if [[ -n "${RAY_AUTH_TOKEN:-}" || -n "${RAY_AUTH_TOKEN_PATH:-}" || -f "${HOME:-/nonexistent}/.ray/auth_token" ]]; then
         export RAY_AUTH_MODE=token
     else
         echo "submit.sh: note: no Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token);" \
@@ -152,6 +152,5 @@ extra=(${OKD_SUBMIT_ARGS:-})
 cmd=(ray job submit --address "$RAY_ADDRESS" --working-dir . --runtime-env-json "$runtime_env" "${extra[@]}"
      -- "${PYTHON:-python}" -m online_kd.cli run "$topology" --engine ray "${uri_args[@]}" "${out_args[@]}" "$@")
 echo "submit.sh: RAY_ADDRESS=$RAY_ADDRESS RAY_AUTH_MODE=${RAY_AUTH_MODE:-<unset>}" >&2
-printf 'submit.sh: %q ' "${cmd[@]}" >&2
-echo >&2
+{ printf 'submit.sh:'; printf ' %q' "${cmd[@]}"; echo; } >&2
 exec "${cmd[@]}"

@@ -85,27 +85,32 @@ def cmd_plan(args) -> int:
         for p, taps in plan.stage_taps[i].items():
             t.add_row(p, ", ".join(sorted(taps)), "; ".join(f"{k} {list(plan.shapes[p][k])}" for k in sorted(taps)))
         con.print(t)
-        t = Table(title=f"exchange per step in '{s.name}' (ray engine)")
-        for col in ("from", "tap", "to", "bytes/step"):
+        t = Table(title=f"exchange per step in '{s.name}' (ray engine, replica 0; each replica alike on its shard)")
+        for col in ("from", "tap", "to", "worker → worker", "shape", "bytes/step"):
             t.add_column(col)
+        home = {(p, w["replica"]): w["worker"] for w in placement(topo) for p in w["peers"]}
+        sent, total = set(), 0
         for tr in (x for x in plan.transfers if x.stage == s.name):
-            t.add_row(tr.source, tr.tap, tr.target, _human_bytes(tr.bytes_per_step))
-        t.add_row("", "", "[bold]total[/]", f"[bold]{_human_bytes(plan.bytes_per_step(s.name))}[/]")
+            src, dst = home[(tr.source, 0)], home[(tr.target, 0)]
+            if src == dst:
+                route, size = "same worker (no copy)", "0 B"
+            elif (tr.source, tr.tap, dst) in sent:
+                route, size = f"{src} → {dst} (already sent)", "0 B"
+            else:
+                sent.add((tr.source, tr.tap, dst))
+                route, size = f"{src} → {dst}", _human_bytes(tr.bytes_per_step)
+                total += tr.bytes_per_step
+            t.add_row(tr.source, tr.tap, tr.target, route, str(list(tr.shape)), size)
+        t.add_row("", "", "", "", "[bold]total[/]", f"[bold]{_human_bytes(total)}[/]")
         con.print(t)
     return 0
 
 
 def placement(topo) -> list[dict]:
     """Workers of the ray engine: colocated groups share one, others get one per replica."""
-    groups = [list(g) for g in topo.config.engine.colocate]
-    grouped = {p for g in groups for p in g}
-    groups += [[p] for p in topo.config.peers if p not in grouped]
-    out = []
-    for g in groups:
-        reps = max(topo.config.peers[p].replicas for p in g)
-        for r in range(reps):
-            out.append({"worker": len(out), "peers": g, "replica": r})
-    return out
+    from .engine.exchange import placement as workers
+
+    return [{"worker": w.rank, "peers": list(w.peers), "replica": w.replica} for w in workers(topo)]
 
 
 def _default_out(topo, resume: bool) -> Path:

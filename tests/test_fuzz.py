@@ -66,6 +66,84 @@ junk = st.recursive(
 )
 
 
+small = st.integers(-2, 24) | st.sampled_from([0, 1, 2, 3, 4, 7])
+model_args = st.dictionaries(
+    st.sampled_from(["widths", "strides", "hidden", "input_size", "depth", "width", "foo"]),
+    small | st.lists(small, max_size=4) | scalars,
+    max_size=3,
+)
+
+
+def node_names(raw):
+    return [n for s in ("peers", "ensembles", "virtual") if isinstance(raw.get(s), dict) for n in raw[s]] or ["a"]
+
+
+def set_field(raw: dict, data) -> str:
+    """Set a field the deeper checks (stages, ensembles, dry forward) look at to a plausible wrong value."""
+    names = node_names(raw)
+    peers = raw.get("peers") if isinstance(raw.get("peers"), dict) else {}
+    peer_names = list(peers) or ["a"]
+    which = data.draw(st.sampled_from(["model_args", "model", "frozen", "stages", "ensemble", "virtual", "synthetic",
+                                       "edge_param", "edge_schedule", "colocate"]))
+    sub = st.lists(st.sampled_from(names + ["nobody"]), max_size=3)
+    if which in ("model_args", "model", "frozen") and peers:
+        peer = pick(data, peer_names)
+        if not isinstance(peers[peer], dict):
+            return which + " (skipped)"
+        if which == "model_args":
+            peers[peer]["model_args"] = data.draw(model_args)
+        elif which == "model":
+            peers[peer]["model"] = data.draw(st.sampled_from(["mlp", "convnet", "convnet_small", "resnet8", "wrn_16_1",
+                                                              "vgg8", "resnet", "torchvision:nope", "torchvision:"]))
+        else:
+            peers[peer]["frozen"] = True
+            if data.draw(st.booleans()):
+                peers[peer]["init"] = "x.pt"
+        return f"{which} peers.{peer} = {peers[peer]!r}"
+    if which == "stages":
+        stage = st.fixed_dictionaries({"train": sub}, optional={
+            "name": st.sampled_from(["s1", "s2", "s3", "teacher"]), "after": st.lists(st.sampled_from(["s1", "s2", "s3", "x"]), max_size=2),
+            "epochs": st.integers(-1, 3)})
+        raw["stages"] = data.draw(st.lists(stage, max_size=3))
+        return f"stages = {raw['stages']!r}"
+    if which == "ensemble":
+        raw.setdefault("ensembles", {})
+        if isinstance(raw["ensembles"], dict):
+            raw["ensembles"][data.draw(st.sampled_from(["ens", "teacher", "a"]))] = data.draw(st.fixed_dictionaries(
+                {"members": sub}, optional={"combine": st.sampled_from(["mean", "naive", "min_logit", "linear", "nope"]),
+                                            "refit_every": small}))
+        return f"ensembles = {raw['ensembles']!r}"
+    if which == "virtual":
+        raw.setdefault("virtual", {})
+        if isinstance(raw["virtual"], dict):
+            raw["virtual"][data.draw(st.sampled_from(["smooth", "a"]))] = data.draw(st.fixed_dictionaries(
+                {"kind": st.sampled_from(["uniform", "tfkd", "nope"])},
+                optional={"temperature": scalars, "correct_prob": scalars}))
+        return f"virtual = {raw['virtual']!r}"
+    if which == "synthetic" and isinstance(raw.get("data"), dict):
+        raw["data"]["dataset"] = "synthetic"
+        raw["data"]["synthetic"] = data.draw(st.fixed_dictionaries({}, optional={
+            "shape": st.lists(st.integers(-1, 40), min_size=2, max_size=4), "num_classes": st.integers(-1, 120),
+            "num_train": small, "num_test": small}))
+        return f"data = {raw['data']!r}"
+    edges = raw.get("edges")
+    if which in ("edge_param", "edge_schedule") and isinstance(edges, list) and edges and isinstance(edges[0], dict):
+        edge = pick(data, [e for e in edges if isinstance(e, dict)] or [{}])
+        if which == "edge_param":
+            edge[data.draw(st.sampled_from(["temperature", "alpha", "reduction", "until_epoch", "weight", "tap"]))] = data.draw(scalars)
+        else:
+            edge["schedule"] = data.draw(st.fixed_dictionaries({}, optional={
+                "name": st.sampled_from(["constant", "linear_warmup", "step", "cosine"]), "epochs": small,
+                "milestones": st.lists(small, max_size=3), "gamma": scalars}))
+        return f"{which} {edge!r}"
+    if which == "colocate":
+        raw.setdefault("engine", {})
+        if isinstance(raw["engine"], dict):
+            raw["engine"]["colocate"] = data.draw(st.lists(sub, max_size=2))
+        return f"engine = {raw['engine']!r}"
+    return which + " (skipped)"
+
+
 def paths(node, prefix=()):
     """Every path into the raw topology (the root is ())."""
     yield prefix
@@ -105,7 +183,9 @@ def mutate(raw: dict, data) -> str:
     inner = [p for p in all_paths if p]
     containers = [p for p in all_paths if isinstance(get(raw, p), (dict, list))]
     op = data.draw(st.sampled_from(
-        ["delete", "replace", "add_key", "rename_node", "duplicate_item", "retarget_edge", "copy_value"]))
+        ["delete", "replace", "add_key", "rename_node", "duplicate_item", "retarget_edge", "copy_value", "set_field"]))
+    if op == "set_field":
+        return set_field(raw, data)
     if op == "delete" and inner:
         path = pick(data, inner)
         parent = get(raw, path[:-1])
@@ -175,8 +255,9 @@ def test_mutated_topologies_load_or_fail_with_one_placed_line(data):
             warnings.simplefilter("ignore")  # zero-size layers from junk model args warn on init
             topo = load_topology(raw)
             plan = build_plan(topo)
-        topo.to_yaml()
         assert plan.shapes.keys() == topo.config.peers.keys()
+        again = load_topology(yaml.safe_load(topo.to_yaml()))  # the topology as run loads again
+        assert [e.key for e in again.edges] == [e.key for e in topo.edges]
     except TopologyError as err:
         text = str(err)
         assert "\n" not in text and "\r" not in text, text

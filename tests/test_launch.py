@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SUBMIT = LAUNCH / "submit.sh"
 MARKER = "OKD_TEST_RAY_HEAD"  # env var set on the test head; every Ray process it starts inherits it
-ENGINE = "local"  # the engine the submitted job runs
+ENGINE = "ray"  # the engine the submitted job runs
 
 
 # ------------------------------------------------------------------ the YAMLs
@@ -217,7 +216,7 @@ def _json_summary(text: str) -> dict:
 def test_submit_quick_dml_to_local_cluster(ray_head, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    address, env, ray_tmp = ray_head
+    address, env, _ = ray_head
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     out = tmp_path / "run"

@@ -159,3 +159,27 @@ def test_gradients_reach_the_target_only():
         assert tgt.grad is not None and tgt.grad.abs().sum() > 0
         assert src.grad is None
         tgt.grad = None
+
+
+def test_attention_transfer_by_hand():
+    g = torch.Generator().manual_seed(0)
+    fs = {"stage1": torch.rand(2, 3, 4, 4, generator=g), "stage3": torch.rand(2, 5, 2, 2, generator=g)}
+    ft = {"stage1": torch.rand(2, 6, 8, 8, generator=g), "stage3": torch.rand(2, 4, 2, 2, generator=g)}
+    loss = make("at", taps=["stage1", "stage3"])
+    got = loss(ft, fs, batch(Y[:2]))
+
+    def amap(f):  # mean over channels of f², flattened, L2-normalised per sample
+        a = [[sum(f[b, c, i, j].item() ** 2 for c in range(f.shape[1])) / f.shape[1]
+              for i in range(f.shape[2]) for j in range(f.shape[3])] for b in range(f.shape[0])]
+        return [[v / math.sqrt(sum(x * x for x in row)) for v in row] for row in a]
+
+    want = 0.0
+    for tap in ("stage1", "stage3"):
+        s, t = fs[tap], ft[tap]
+        if t.shape[2] > s.shape[2]:
+            t = torch.nn.functional.adaptive_avg_pool2d(t, s.shape[2:])  # the larger map is pooled
+        a_s, a_t = amap(s), amap(t)
+        diffs = [(x - y) ** 2 for rs, rt in zip(a_s, a_t) for x, y in zip(rs, rt)]
+        want += sum(diffs) / len(diffs)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    assert loss.needs().source == ("stage1", "stage3")

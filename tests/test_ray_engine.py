@@ -136,3 +136,22 @@ def test_killed_worker_resumes_from_checkpoint_with_one_unbroken_history(tmp_pat
         steps = sorted(m.step for m in client.get_metric_history(run_.info.run_id, "top1"))
         assert steps == list(range(epochs))  # no duplicated or missing epochs
         assert run_.info.status == "FINISHED"
+
+
+def test_deepspeed_zero2_replicas_match_local_and_resume(tmp_path):
+    raw = yaml.safe_load((ROOT / "topologies" / "quick" / "dml.yaml").read_text())
+    raw["peers"]["a"]["model"] = "mlp"
+    raw["train"].update(epochs=2, threads=1, max_steps_per_epoch=22)  # full batches: equal shards
+    local = load_topology(raw)
+    raw["peers"]["a"].update(replicas=2, deepspeed={"config": str(ROOT / "configs/deepspeed/zero2.json")})
+    raw["peers"]["b"]["replicas"] = 2
+    zero = load_topology(raw)
+    run(LocalEngine, local, tmp_path / "local")
+    first = run(RayEngine, zero, tmp_path / "zero", stop_after_epochs=1)
+    assert first["finished"] is False
+    # the second fit resumes from the checkpoint, each replica reloading every ZeRO partition
+    second = run(RayEngine, zero, tmp_path / "zero", resume=True)
+    assert second["finished"] and second["epochs"] == 2
+    files = {p.name for p in ckpt.latest_checkpoint(tmp_path / "zero" / "checkpoints").iterdir()}
+    assert {"peer_a.pt", "peer_a.zero0.pt", "peer_a.zero1.pt", "peer_b.pt", "engine.pt"} <= files
+    assert_same_weights(tmp_path / "local", tmp_path / "zero", ["a", "b"], tol=1e-5)

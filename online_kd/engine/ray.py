@@ -92,14 +92,23 @@ class RayEngine:
         for i, group in enumerate(c.engine.colocate):
             if len({c.peers[p].replicas for p in group}) > 1:
                 raise TopologyError(f"engine.colocate[{i}]", "colocated peers need the same number of replicas")
+            if any(c.peers[p].deepspeed for p in group):
+                raise TopologyError(f"engine.colocate[{i}]", "a DeepSpeed peer needs a worker of its own "
+                                                             "(DeepSpeed keeps one engine per process)")
+        from .zero import read_config
+
+        for name, p in c.peers.items():
+            if p.deepspeed is not None:
+                read_config(name, p.deepspeed.config)
 
     def _ensure_ray(self, world: int, use_gpu: bool) -> None:
         import ray
 
+        preset = HEALTH_CHECK_ENV in os.environ  # e.g. by a job's runtime env, which ray.init must not contradict
         os.environ.setdefault(HEALTH_CHECK_ENV, "0.25")
         if ray.is_initialized():
             return
-        env = {"env_vars": {HEALTH_CHECK_ENV: os.environ[HEALTH_CHECK_ENV]}}
+        env = None if preset else {"env_vars": {HEALTH_CHECK_ENV: os.environ[HEALTH_CHECK_ENV]}}
         if os.environ.get("RAY_ADDRESS"):
             ray.init(runtime_env=env, log_to_driver=True)
         else:  # a local instance with a logical CPU per worker, whatever the core count

@@ -55,6 +55,7 @@ class Peer(nn.Module):
         self.optimizer = None
         self.scheduler = None
         self.scaler = None
+        self.ds = None  # a DeepSpeed engine when the peer's replicas use ZeRO (ray engine)
         self.trained_epochs = 0
 
     def setup_training(self, total_epochs: int, precision: str, device: torch.device) -> None:
@@ -71,7 +72,7 @@ class Peer(nn.Module):
         return {
             "model": self.net.state_dict(),
             "edges": {k: m.state_dict() for k, m in self.edges.items()},
-            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "optimizer": self.optimizer.state_dict() if self.optimizer and self.ds is None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "trained_epochs": self.trained_epochs,
@@ -221,15 +222,23 @@ class Runtime:
         return total, terms
 
     def update(self, totals: Mapping[str, Tensor]) -> None:
-        """One backward over the peers' summed losses (they share no graph), then each optimizer steps."""
+        """Backward and step. The peers share no graph, so one backward over their sum serves them all;
+        a DeepSpeed peer runs its own engine's backward and step."""
         peers = [self.peers[n] for n in totals]
+        plain = [p for p in peers if p.ds is None]
         for p in peers:
+            if p.ds is not None:
+                p.ds.backward(totals[p.peer_name])
+                p.ds.step()
+        if not plain:
+            return
+        for p in plain:
             p.optimizer.zero_grad(set_to_none=True)
-        scaled = [p.scaler.scale(totals[p.peer_name]) for p in peers]
+        scaled = [p.scaler.scale(totals[p.peer_name]) for p in plain]
         torch.stack(scaled).sum().backward() if len(scaled) > 1 else scaled[0].backward()
         if self.grad_sync is not None:
-            self.grad_sync(peers)
-        for p in peers:
+            self.grad_sync(plain)
+        for p in plain:
             p.scaler.step(p.optimizer)
             p.scaler.update()
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..topology import load_topology
 from . import checkpoint as ckpt
+from . import zero
 from .exchange import Exchange, exchange_dtype, placement
 from .local import seed_everything, stage_at
 from .step import Runtime, topk_correct
@@ -50,6 +51,13 @@ def _grad_sync(group, shard_size):
     return sync
 
 
+def quiet_ray_train_logs() -> None:
+    """Ray Train logs every report at INFO (from loggers named by file path); keep warnings only."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("ray.train") or "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict) -> None:
     """Ray Train entry point: run this rank's share of the topology, report once per epoch."""
     import ray.train
@@ -57,8 +65,7 @@ def train_worker(config: dict) -> None:
 
     from ..data import BatchStream, build_data
 
-    for noisy in ("ray.train", "ray.data"):  # per-report INFO lines would drown the epoch lines
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_ray_train_logs()
     topo = load_topology(config["raw"], check=False)
     c = topo.config
     out = Path(config["out_dir"])
@@ -87,6 +94,11 @@ def train_worker(config: dict) -> None:
     shard = {"size": 0}
     if replicas > 1:
         rt.grad_sync = _grad_sync(replica_group, lambda: shard["size"])
+    own_groups = [dist.new_group([r]) for r in range(dist.get_world_size())]  # every rank creates every group
+    for name, peer in rt.peers.items():
+        if peer.cfg.deepspeed is not None and peer.optimizer is not None:
+            peer.ds = zero.wrap(peer, zero.read_config(name, peer.cfg.deepspeed.config), bs // replicas,
+                                replica_group, own_groups[rank])
     if config.get("record_steps"):
         (out / "steps").mkdir(exist_ok=True)
         rt.step_log = open(out / "steps" / f"rank{rank}.jsonl", "a")
@@ -99,6 +111,9 @@ def train_worker(config: dict) -> None:
         with restored.as_directory() as d:
             for name, peer in rt.peers.items():
                 peer.load_state(ckpt.load(Path(d) / ckpt.peer_file(name), map_location=device))
+                if peer.ds is not None:
+                    parts = [_load_zero_state(Path(d) / _zero_file(name, r)) for r in range(replicas)]
+                    peer.ds.optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
             state = ckpt.load(Path(d) / ckpt.ENGINE_FILE)
         for name, sd in state["combiners"].items():
             rt.combiners[name].load_state_dict(sd)
@@ -158,16 +173,43 @@ def train_worker(config: dict) -> None:
         metrics = {"epoch": epoch, "stage": stage.name, "seconds": time.perf_counter() - t_epoch, "rank": rank,
                    "train": train_metrics if me.replica == 0 else {}, "eval": evals}
         with tempfile.TemporaryDirectory() as d:
-            if me.replica == 0:
-                for name, peer in rt.peers.items():
+            for name, peer in rt.peers.items():
+                if me.replica == 0:
                     torch.save(peer.state(), Path(d) / ckpt.peer_file(name))
+                if peer.ds is not None:  # each replica holds its own ZeRO partition of the optimizer
+                    torch.save(_zero_state(peer), Path(d) / _zero_file(name, me.replica))
             if rank == 0:
                 torch.save({"epoch": epoch + 1, "global_step": rt.global_step,
                             "combiners": {n: m.state_dict() for n, m in rt.combiners.items()}},
                            Path(d) / ckpt.ENGINE_FILE)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if me.replica == 0 else None)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if any(Path(d).iterdir()) else None)
     if profile:
         _write_profile(out, rank, me, timings, exchange, steps_per_epoch)
+
+
+def _zero_file(peer: str, replica: int) -> str:
+    return f"peer_{peer}.zero{replica}.pt"
+
+
+def _zero_state(peer) -> dict:
+    """A replica's ZeRO optimizer partition, with tensors and plain values only (loadable weights_only)."""
+    sd = dict(peer.ds.optimizer.state_dict())
+    sd.pop("loss_scaler", None)  # a DeepSpeed object; fp32 training keeps the static scale of 1
+    return sd
+
+
+def _load_zero_state(path: Path) -> dict:
+    """weights_only load of a ZeRO partition, allowing DeepSpeed's own plain types (enums, fragment records)."""
+    import importlib
+
+    allowed = []
+    for qual in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+        if not qual.startswith("deepspeed."):
+            raise RuntimeError(f"{path}: unexpected type {qual} in a ZeRO checkpoint")
+        module, _, attr = qual.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    with torch.serialization.safe_globals(allowed):
+        return ckpt.load(path)
 
 
 def _refit(rt: Runtime, holdout, me) -> None:

@@ -104,17 +104,24 @@ class Topology:
         return next((i for i, s in enumerate(self.stages) if peer in s.train), None)
 
     def to_yaml(self) -> str:
-        """The topology as run: overrides applied, patterns expanded, defaults filled in."""
+        """The topology as run: overrides applied, patterns expanded, defaults filled in.
+
+        It loads again as the same topology; where each edge came from in the original YAML
+        is a comment at the top.
+        """
         data = self.config.model_dump(mode="json", by_alias=True, exclude_none=True)
         data["edges"] = [
             {"from": e.source, "to": e.target, "loss": e.loss, "weight": e.weight,
              **({"schedule": e.schedule.model_dump()} if e.schedule.name != "constant" else {}),
              **({"until_epoch": e.until_epoch} if e.until_epoch is not None else {}),
-             **e.params, "origin": e.origin}
+             **e.params}
             for e in self.edges
         ]
         data["stages"] = [{"name": s.name, "train": list(s.train), "epochs": s.epochs} for s in self.stages]
-        return yaml.safe_dump(data, sort_keys=False)
+        origins = "".join(f"#   edges[{e.index}] {e.source}->{e.target}: from {e.origin}"
+                          f"{f' ({e.pattern})' if e.pattern else ''}\n" for e in self.edges)
+        header = f"# topology {self.name!r} as run (patterns expanded, defaults filled in)\n"
+        return header + (f"# edges:\n{origins}" if origins else "") + yaml.safe_dump(data, sort_keys=False)
 
     def graph_spec(self) -> tuple[list[dict], list[dict]]:
         """Nodes and edges in the form :func:`online_kd.plot.draw_topology` takes."""

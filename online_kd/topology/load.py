@@ -338,7 +338,12 @@ def load_topology(
     check: bool = True,
 ) -> Topology:
     """Load, override, expand and check a topology (``check=False`` skips model/loss checks)."""
-    raw = read_yaml(source) if not isinstance(source, Mapping) else copy.deepcopy(dict(source))
+    if isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    elif isinstance(source, (str, os.PathLike)):
+        raw = read_yaml(source)
+    else:
+        raise TopologyError("topology", f"expected a YAML file or a mapping (got {_got(source)})")
     raw = apply_overrides(raw, overrides)
     check_node_names(raw)
     raw = resolve_like(raw)

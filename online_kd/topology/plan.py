@@ -6,6 +6,7 @@ each edge's taps exist and fit (a loss's ``build`` raises on a mismatch).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +106,9 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
     for name, peer in c.peers.items():
         where = f"peers.{name}.model_args" if peer.model_args else f"peers.{name}.model"
         try:
-            models[name] = build_model_for(peer, info)
+            with warnings.catch_warnings():  # a dry run's warnings (e.g. zero-size layers) would garble the
+                warnings.simplefilter("ignore")  # one-line error; the engine's real build shows them
+                models[name] = build_model_for(peer, info)
         except Exception as err:  # a model's constructor may reject its arguments in any way
             raise TopologyError(where, f"cannot build '{peer.model}' for {info.in_channels}-channel inputs and "
                                        f"{info.num_classes} classes: {type(err).__name__}: {err}") from None
@@ -135,7 +138,8 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
             raise TopologyError(f"peers.{name}", f"'{peer.model}': {err}") from None
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 out = tapped(x)
         except Exception as err:  # whatever the model's forward raises on this input
             raise TopologyError(where, f"'{peer.model}' fails a dry forward on a {shape_text} batch "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -73,6 +75,12 @@ class ScheduleConfig(Strict):
     eta_min: float = Field(0.0, ge=0)
 
 
+class DeepSpeedSpec(Strict):
+    """ZeRO-1/2 over a peer's replicas on the ray engine (its replica group is DeepSpeed's data-parallel group)."""
+
+    config: str
+
+
 class PeerConfig(Strict):
     """A network node."""
 
@@ -83,6 +91,7 @@ class PeerConfig(Strict):
     frozen: bool = False
     init: str | None = None
     replicas: int = Field(1, ge=1)
+    deepspeed: DeepSpeedSpec | None = None
     task_weight: float = Field(1.0, ge=0)
 
 
@@ -178,3 +187,12 @@ class TopologyConfig(Strict):
     stages: list[StageConfig] = []
     engine: EngineConfig = EngineConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _file_safe(cls, name: str) -> str:
+        # the name makes run directories (runs/<name>-<time>) and experiment runs
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name) or len(name) > 100:
+            raise ValueError(f"{name!r} is not usable as a run name (letters, digits, '_', '-' and '.', "
+                             "not starting with '.' or '-', at most 100)")
+        return name

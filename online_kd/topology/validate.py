@@ -128,7 +128,8 @@ def check_topology(topology: Topology) -> None:
             if topology.kind(node) is None:
                 raise TopologyError(at(role), f"unknown node '{node}' ({nodes_hint})")
         if topology.kind(e.target) != "peer":
-            raise TopologyError(at("to"), f"'{e.target}' is a {topology.kind(e.target)} node: only peers learn{how}")
+            raise TopologyError(at("to"), f"'{e.target}' is {'an' if topology.kind(e.target) == 'ensemble' else 'a'} "
+                                          f"{topology.kind(e.target)} node: only peers learn{how}")
         if e.loss not in LOSSES:
             raise TopologyError(f"{e.origin}.loss", suggest(e.loss, LOSSES, "loss"))
         loss = LOSSES[e.loss]
