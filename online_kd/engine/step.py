@@ -107,7 +107,8 @@ class Runtime:
     local engine owns them all.
     """
 
-    def __init__(self, topology: Topology, info, device: torch.device | str = "cpu", owned: Iterable[str] | None = None):
+    def __init__(self, topology: Topology, info, device: torch.device | str = "cpu", owned: Iterable[str] | None = None,
+                 train_targets: Tensor | None = None):
         self.topology, self.info = topology, info
         self.device = torch.device(device)
         c = topology.config
@@ -120,6 +121,7 @@ class Runtime:
                 self.peers[e.target].edges[e.key] = loss
                 self.losses[e.index] = loss
         self._build_edge_modules()
+        self._attach_edges(train_targets)
         total = {p: sum(s.epochs for s in topology.stages if p in s.train) for p in self.peers}
         for name, peer in self.peers.items():
             if total[name]:
@@ -147,6 +149,23 @@ class Runtime:
                 self.losses[e.index].build({k: torch.Size(v) for k, v in src.items()},
                                            {k: torch.Size(v) for k, v in plan.shapes[e.target].items()})
             self.losses[e.index].to(self.device)
+
+    def _attach_edges(self, train_targets: Tensor | None) -> None:
+        """Hand each owned loss its context; a loss that reads the source network needs it in this process."""
+        from ..errors import TopologyError
+        from ..losses import EdgeContext
+
+        for e in self.topology.edges:
+            loss = self.losses.get(e.index)
+            if loss is None:
+                continue
+            source = self.peers[e.source].net if e.source in self.peers else None
+            if loss.needs_source_model and source is None:
+                raise TopologyError(e.origin, f"loss '{e.loss}' reads the source network itself: put '{e.source}' "
+                                              f"and '{e.target}' in one worker (engine.colocate)")
+            loss.attach(EdgeContext(source_model=source, train_targets=train_targets,
+                                    num_train=None if train_targets is None else len(train_targets),
+                                    num_classes=self.info.num_classes))
 
     # ------------------------------------------------------------------ stage
     def enter_stage(self, stage: Stage) -> None:
@@ -200,7 +219,7 @@ class Runtime:
         peer = self.peers[name]
         target = outs[name]
         terms: dict[str, Tensor] = {}
-        task_scale = peer.cfg.task_weight
+        task_scale = peer.cfg.task_weight if self.stage.task_weight is None else self.stage.task_weight
         total = None
         with self.autocast():
             for e in self.active:

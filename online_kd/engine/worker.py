@@ -83,7 +83,7 @@ def train_worker(config: dict) -> None:
 
     seed_everything(c.train.seed)
     data = build_data(c.data, c.train.seed)
-    rt = Runtime(topo, data.info, device, owned=me.peers)
+    rt = Runtime(topo, data.info, device, owned=me.peers, train_targets=data.train.targets)
     bs = c.data.batch_size
     train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, num_shards=replicas, shard=me.replica)
     test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False)

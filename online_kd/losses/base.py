@@ -23,6 +23,16 @@ class Needs:
     target: tuple[str, ...] = ("logits",)
 
 
+@dataclass
+class EdgeContext:
+    """What a loss may need beyond its taps, handed over once before training."""
+
+    source_model: nn.Module | None  # the source peer's network, when this process holds it
+    train_targets: Tensor | None    # labels of the training split, by sample index (e.g. CRD's negatives)
+    num_train: int | None
+    num_classes: int
+
+
 class EdgeLoss(nn.Module):
     """A distillation loss on one edge.
 
@@ -33,6 +43,7 @@ class EdgeLoss(nn.Module):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = Params
     allows_self: ClassVar[bool] = False
+    needs_source_model: ClassVar[bool] = False  # reads the source network itself (e.g. its BN statistics)
     source_kinds: ClassVar[frozenset[str]] = frozenset({"peer", "ensemble", "virtual"})
 
     def __init__(self, params: BaseModel):
@@ -47,6 +58,9 @@ class EdgeLoss(nn.Module):
         s, t = source_shapes.get("logits"), target_shapes.get("logits")
         if s is not None and t is not None and s != t:
             raise ValueError(f"source logits {tuple(s)} and target logits {tuple(t)} differ")
+
+    def attach(self, ctx: EdgeContext) -> None:
+        """Take what the loss needs from the run (source model, training labels) before the first step."""
 
     @property
     def task_scale(self) -> float:

@@ -25,6 +25,7 @@ class Edge:
     until_epoch: int | None
     params: dict[str, Any] = field(default_factory=dict)
     pattern: str | None = None
+    name: str | None = None
 
     @property
     def label(self) -> str:
@@ -44,6 +45,8 @@ class Edge:
             return self.weight * min(1.0, epoch_in_stage / s.epochs)  # ReviewKD: 0 in the first epoch
         if s.name == "step":
             return self.weight * s.gamma ** sum(epoch_in_stage >= m for m in s.milestones)
+        if s.name == "exponential":  # e.g. info-flow's critical-period decay w·γ^epoch
+            return self.weight * s.gamma ** epoch_in_stage
         return self.weight
 
 
@@ -55,6 +58,8 @@ class Stage:
     train: tuple[str, ...]
     epochs: int
     origin: str
+    edges: tuple[str, ...] | None = None
+    task_weight: float | None = None
 
 
 @dataclass
@@ -170,5 +175,9 @@ def resolve_stages(config: TopologyConfig) -> list[Stage]:
 
     for name in named:
         visit(name, ())
-    return [Stage(name=n, train=tuple(named[n][1].train), epochs=named[n][1].epochs or config.train.epochs, origin=f"stages[{named[n][0]}]")
-            for n in order]
+    out = []
+    for n in order:
+        i, s = named[n]
+        out.append(Stage(name=n, train=tuple(s.train), epochs=s.epochs or config.train.epochs, origin=f"stages[{i}]",
+                         edges=tuple(s.edges) if s.edges is not None else None, task_weight=s.task_weight))
+    return out

@@ -29,6 +29,6 @@ def expand_edges(config: TopologyConfig) -> list[Edge]:
             edges.append(Edge(
                 index=len(edges), origin=f"edges[{i}]", source=str(source), target=str(target),
                 loss=cfg.loss, weight=cfg.weight, schedule=cfg.schedule, until_epoch=cfg.until_epoch,
-                params=cfg.extras(), pattern=cfg.pattern,
+                params=cfg.extras(), pattern=cfg.pattern, name=cfg.name,
             ))
     return edges

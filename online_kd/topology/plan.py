@@ -41,8 +41,9 @@ class ExchangePlan:
 
 
 def active_edges(topology: Topology, stage: Stage) -> list[Edge]:
-    """The edges whose target this stage trains."""
-    return [e for e in topology.edges if e.target in stage.train]
+    """The edges whose target this stage trains (only the named ones when the stage lists ``edges``)."""
+    return [e for e in topology.edges
+            if e.target in stage.train and (stage.edges is None or e.name in stage.edges)]
 
 
 def needed_taps(topology: Topology, stage: Stage, losses: dict[int, object]) -> dict[str, set[str]]:

@@ -109,7 +109,7 @@ class VirtualConfig(Open):
 
 
 class WeightSchedule(Strict):
-    name: Literal["constant", "linear_warmup", "step"] = "constant"
+    name: Literal["constant", "linear_warmup", "step", "exponential"] = "constant"
     epochs: int = Field(0, ge=0)
     milestones: list[int] = []
     gamma: float = Field(0.1, ge=0)
@@ -122,6 +122,7 @@ class EdgeConfig(Open):
     plain edges at load time; loss parameters are the extra keys.
     """
 
+    name: str | None = None
     source: str | None = Field(None, alias="from")
     to: str | list[str] | None = None
     loss: str
@@ -155,6 +156,8 @@ class StageConfig(Strict):
     train: list[str]
     epochs: int | None = Field(None, ge=1)  # None: train.epochs
     after: list[str] = []
+    edges: list[str] | None = None  # names of the edges active in this stage (None: all into trained peers)
+    task_weight: float | None = Field(None, ge=0)  # CE weight of the trained peers in this stage
 
 
 class EngineConfig(Strict):
