@@ -197,3 +197,30 @@ def test_virtual_teacher_label_smoothing_runs(tmp_path):
     raw["edges"] = [{"from": "smooth", "to": "a", "loss": "kd", "temperature": 1, "alpha": 0.1}]
     summary = run(load_topology(raw, {"train.epochs": 2}), tmp_path / "ls")
     assert summary["peers"]["a"]["top1_last"] > 50
+
+
+def test_peers_with_views_see_their_own_augmentation_of_the_same_samples():
+    topo = quick("kdcl_general")
+    data = build_data(topo.config.data, 0)
+    rt = Runtime(topo, data.info, train_targets=data.train.targets)
+    rt.set_views(data.train, data.train_transform)
+    from online_kd.data import BatchStream
+
+    batch = next(iter(BatchStream(data.train, 16, 0, transform=data.train_transform).epoch(3)))
+    xs = rt.inputs(batch, 3)
+    assert torch.equal(xs["a"], batch.x)  # view 0 is the batch itself
+    assert not torch.equal(xs["b"], xs["a"]) and not torch.equal(xs["c"], xs["b"])
+    raw, _ = data.train.get(batch.index)
+    for v in (xs["b"], xs["c"]):  # the same images, shifted by at most one pixel of padding
+        assert v.shape == raw.shape
+    again = rt.inputs(batch, 3)
+    assert all(torch.equal(again[p], xs[p]) for p in xs)  # seeded, not drawn from a global RNG
+    assert not torch.equal(rt.inputs(batch, 4)["b"], xs["b"])  # a new draw each epoch
+
+
+def test_kdcl_general_runs_and_refits(tmp_path):
+    summary = run(quick("kdcl_general", **{"train.epochs": 2}), tmp_path / "gen")
+    w = ckpt.load(ckpt.latest_checkpoint(tmp_path / "gen" / "checkpoints") / ckpt.ENGINE_FILE)["combiners"]["teacher"]["weights"]
+    assert w.sum().item() == pytest.approx(1.0, abs=1e-5) and (w >= 0).all()
+    assert not torch.allclose(w, torch.full((3,), 1 / 3))
+    assert set(summary["peers"]) == {"a", "b", "c"} and "teacher" in summary["ensembles"]

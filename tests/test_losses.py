@@ -183,3 +183,23 @@ def test_attention_transfer_by_hand():
         want += sum(diffs) / len(diffs)
     assert got.item() == pytest.approx(want, rel=1e-5)
     assert loss.needs().source == ("stage1", "stage3")
+
+
+def test_general_combiner_closed_form_by_hand():
+    torch.manual_seed(1)
+    n = 50
+    y = torch.randint(0, C, (n,))
+    zs = [torch.nn.functional.one_hot(y, C).float() * s + torch.randn(n, C) for s in (3.0, 1.0, 2.0)]
+    comb = combiner("general", m=3, refit_every=1, ridge=0.0)
+    comb.refit(zs, y)
+    # C_ij = mean over samples of Σ_c (p_i - onehot)(p_j - onehot); w ∝ C⁻¹·1
+    errs = [[[p - (1.0 if c == yy else 0.0) for c, p in enumerate(row)] for row, yy in
+             zip(torch.softmax(z.double(), 1).tolist(), y.tolist())] for z in zs]
+    cm = [[sum(sum(a * b for a, b in zip(ri, rj)) for ri, rj in zip(errs[i], errs[j])) / n for j in range(3)]
+          for i in range(3)]
+    w = torch.linalg.solve(torch.tensor(cm, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    w = (w / w.sum()).clamp_min(0)
+    w = w / w.sum()
+    assert torch.allclose(comb.weights.double(), w, atol=1e-6)
+    assert comb.weights[0] > comb.weights[1]  # the most accurate member weighs most
+    assert torch.allclose(comb(zs, y), sum(wi * z for wi, z in zip(comb.weights, zs)), atol=1e-6)

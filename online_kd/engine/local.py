@@ -71,6 +71,7 @@ class LocalEngine:
         data = build_data(c.data, c.train.seed)
         device = resolve_device(c.train.device)
         rt = Runtime(topo, data.info, device, train_targets=data.train.targets)
+        rt.set_views(data.train, data.train_transform)
         bs = c.data.batch_size
         train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, shuffle=True)
         test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False)

@@ -6,6 +6,7 @@ worker only its own and receives the other peers' taps before computing losses.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import hashlib
 from dataclasses import dataclass, field
@@ -131,6 +132,8 @@ class Runtime:
         self.precision = c.train.precision
         self.stage: Stage | None = None
         self.global_step = 0
+        self._views: dict[int, object] = {}
+        self._view_data = None
         self.step_log = None  # an open file: one JSON line per step and trained peer (equivalence tests)
         self.grad_sync: Callable[[list[Peer]], None] | None = None  # replicas average gradients here
 
@@ -187,18 +190,52 @@ class Runtime:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    # ------------------------------------------------------------------ views
+    def set_views(self, dataset, transform) -> None:
+        """Per-view copies of the training augmentation, for peers with ``view: k`` (KDCL's distorted views).
+
+        View k's draws are seeded by (seed, k, epoch, sample index): every worker count sees the same views.
+        """
+        from ..data.hashing import generator_seed
+
+        self._view_data, self._views = dataset, {}
+        for peer in self.peers.values():
+            v = peer.cfg.view
+            if v and transform is not None and v not in self._views:
+                t = copy.copy(transform)
+                t.seed = generator_seed(transform.seed, "view", v)
+                self._views[v] = t
+
+    @property
+    def uses_views(self) -> bool:
+        return bool(self._views)
+
+    def inputs(self, batch, epoch: int) -> dict[str, Tensor]:
+        """Each owned peer's input: the batch itself, or its own view of the same samples."""
+        xs, cache = {}, {}
+        for name, peer in self.peers.items():
+            v = peer.cfg.view
+            if v in self._views:
+                if v not in cache:
+                    cache[v] = self._views[v].load(self._view_data, batch.index.cpu(), epoch)[0].to(self.device)
+                xs[name] = cache[v]
+            else:
+                xs[name] = batch.x
+        return xs
+
     # ------------------------------------------------------------------ step pieces
-    def forward(self, x: Tensor, names: Iterable[str]) -> Outputs:
-        """Taps of the named owned peers; frozen (not trained this stage) ones without grad."""
+    def forward(self, x: Tensor | Mapping[str, Tensor], names: Iterable[str]) -> Outputs:
+        """Taps of the named owned peers (one input for all, or one per peer); untrained ones without grad."""
         outs: Outputs = {}
         with self.autocast():
             for name in names:
                 peer = self.peers[name]
+                xi = x[name] if isinstance(x, Mapping) else x
                 if name in self.stage.train:
-                    outs[name] = peer.tapped(x)
+                    outs[name] = peer.tapped(xi)
                 else:
                     with torch.no_grad():
-                        outs[name] = peer.tapped(x)
+                        outs[name] = peer.tapped(xi)
         return outs
 
     def derived(self, outs: Outputs, y: Tensor) -> Outputs:
@@ -277,7 +314,8 @@ class Runtime:
         """The whole synchronous step when this process holds every peer it needs."""
         x, y = batch.x.to(self.device, non_blocking=True), batch.y.to(self.device, non_blocking=True)
         batch = batch._replace(x=x, y=y)
-        outs = self.forward(x, [p for p in self.peers if p in self.in_use])
+        xs = self.inputs(batch, epoch) if self.uses_views else x
+        outs = self.forward(xs, [p for p in self.peers if p in self.in_use])
         outs.update(self.derived(outs, y))
         return self.finish_step(outs, batch, epoch, epoch_in_stage)
 

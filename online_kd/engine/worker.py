@@ -84,6 +84,7 @@ def train_worker(config: dict) -> None:
     seed_everything(c.train.seed)
     data = build_data(c.data, c.train.seed)
     rt = Runtime(topo, data.info, device, owned=me.peers, train_targets=data.train.targets)
+    rt.set_views(data.train, data.train_transform)
     bs = c.data.batch_size
     train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, num_shards=replicas, shard=me.replica)
     test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False)
@@ -141,7 +142,7 @@ def train_worker(config: dict) -> None:
             batch = batch._replace(x=x, y=y)
             shard["size"] = len(y)
             t0 = time.perf_counter()
-            outs = rt.forward(x, [p for p in rt.peers if p in rt.in_use])
+            outs = rt.forward(rt.inputs(batch, epoch) if rt.uses_views else x, [p for p in rt.peers if p in rt.in_use])
             t1 = time.perf_counter()
             if profile:
                 dist.barrier(group=exchange.group)

@@ -113,3 +113,42 @@ class Linear(Combiner):
 
     def forward(self, members, y):
         return torch.einsum("m,mnc->nc", self.weights.to(members[0].dtype), torch.stack(members))
+
+
+class GeneralParams(CombinerParams):
+    refit_every: int = Field(100, ge=1)
+    ridge: float = Field(1e-6, ge=0)
+
+
+@register_combiner("general")
+class General(Combiner):
+    """KDCL-General: weights minimising the ensemble's generalisation error estimated on held-out data.
+
+    With eᵢ = softmax(zᵢ) − onehot(y) on the held-out split and C_ij = mean ⟨eᵢ, eⱼ⟩, the squared error
+    of Σ wᵢ pᵢ under Σ wᵢ = 1 is minimised by w = C⁻¹1 / 1ᵀC⁻¹1 (Perrone & Cooper's generalised ensemble
+    method; ``ridge`` is added to C's diagonal). No official code exists: negative weights are clipped
+    to 0 and the rest renormalised, so the teacher stays a mixture; members' logits are combined as
+    in ``linear``. Refit every ``refit_every`` steps; checkpointed as a buffer.
+    """
+
+    Params = GeneralParams
+
+    def __init__(self, params, num_members):
+        super().__init__(params, num_members)
+        self.register_buffer("weights", torch.full((num_members,), 1.0 / num_members))
+
+    @property
+    def refit_every(self):
+        return self.params.refit_every
+
+    def refit(self, members, y):
+        probs = torch.stack([torch.softmax(m.detach().double(), -1) for m in members])  # M×N×C
+        err = probs - F.one_hot(y, probs.shape[-1]).double()
+        c = torch.einsum("inc,jnc->ij", err, err) / err.shape[1]
+        c = c + self.params.ridge * torch.eye(len(members), dtype=c.dtype)
+        w = torch.linalg.solve(c, torch.ones(len(members), dtype=c.dtype))
+        w = (w / w.sum()).clamp_min(0)
+        self.weights.copy_((w / w.sum()).to(self.weights.dtype))
+
+    def forward(self, members, y):
+        return torch.einsum("m,mnc->nc", self.weights.to(members[0].dtype), torch.stack(members))

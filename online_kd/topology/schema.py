@@ -92,6 +92,7 @@ class PeerConfig(Strict):
     init: str | None = None
     replicas: int = Field(1, ge=1)
     deepspeed: DeepSpeedSpec | None = None
+    view: int = Field(0, ge=0)  # augmentation view: peers with different views see differently augmented copies
     task_weight: float = Field(1.0, ge=0)
 
 
