@@ -66,7 +66,7 @@ def assert_same_weights(out_a, out_b, peers, tol=1e-5):
                 assert torch.equal(a[k], b[k]), (p, k)
 
 
-@pytest.mark.parametrize("name", ["dml", "kdcl"])
+@pytest.mark.parametrize("name", ["dml", "kdcl", "afd"])  # logits all_gather/p2p, ensemble, feature maps + 2nd update
 def test_ray_engine_matches_local_step_by_step(tmp_path, name):
     topo = quick(name, **{"train.epochs": 2})
     local = run(LocalEngine, topo, tmp_path / "local")

@@ -37,6 +37,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _unique_groups(groups: list[dict]) -> list[dict]:
+    """Drop parameters already in an earlier group (two edges into one peer both list its net)."""
+    seen, out = set(), []
+    for g in groups:
+        params = [p for p in g["params"] if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            out.append({**g, "params": params})
+    return out
+
+
 class Peer(nn.Module):
     """A peer at run time: its network, the edge modules it owns, its optimizer and schedule."""
 
@@ -56,16 +67,23 @@ class Peer(nn.Module):
         self.optimizer = None
         self.scheduler = None
         self.scaler = None
+        self.phase_optimizers: dict[int, torch.optim.Optimizer] = {}
         self.ds = None  # a DeepSpeed engine when the peer's replicas use ZeRO (ray engine)
         self.trained_epochs = 0
 
     def setup_training(self, total_epochs: int, precision: str, device: torch.device) -> None:
         """Optimizer over the net and edge modules (a loss may ask for its own lr), schedule, scaler."""
         groups = [{"params": list(self.net.parameters())}]
+        phased: dict[int, list[dict]] = {}
         for loss in self.edges.values():
-            groups += loss.param_groups() if hasattr(loss, "param_groups") else [{"params": list(loss.parameters())}]
+            if loss.phase == 0:
+                groups += loss.param_groups()
+            else:
+                phased.setdefault(loss.phase, []).extend(loss.phase_param_groups(self.net))
         groups = [g for g in groups if g["params"]]
         self.optimizer = build_optimizer(self.cfg.optimizer, groups)
+        # later phases (AFD's adversarial step) update with their own optimizer and constant lr
+        self.phase_optimizers = {ph: build_optimizer(self.cfg.optimizer, _unique_groups(gs)) for ph, gs in phased.items()}
         self.scheduler = build_scheduler(self.cfg.schedule, self.optimizer, total_epochs)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -76,6 +94,7 @@ class Peer(nn.Module):
             "optimizer": self.optimizer.state_dict() if self.optimizer and self.ds is None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "phase_optimizers": {str(k): o.state_dict() for k, o in self.phase_optimizers.items()},
             "trained_epochs": self.trained_epochs,
         }
 
@@ -89,6 +108,8 @@ class Peer(nn.Module):
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+        for k, sd in state.get("phase_optimizers", {}).items():
+            self.phase_optimizers[int(k)].load_state_dict(sd)
         self.trained_epochs = state["trained_epochs"]
 
 
@@ -131,6 +152,7 @@ class Runtime:
         self.virtual = nn.ModuleDict({n: build_virtual(v, info.num_classes) for n, v in c.virtual.items()}).to(self.device)
         self.precision = c.train.precision
         self.stage: Stage | None = None
+        self.phases = [0]
         self.global_step = 0
         self._views: dict[int, object] = {}
         self._view_data = None
@@ -177,6 +199,7 @@ class Runtime:
         self.active = active_edges(self.topology, stage)
         self.in_use = peers_in_use(self.topology, stage)
         taps = needed_taps(self.topology, stage, {e.index: build_loss(e) for e in self.active})
+        self.phases = sorted({0} | {self.losses[e.index].phase for e in self.active if e.index in self.losses})
         for name, peer in self.peers.items():
             peer.tapped.set_taps(sorted(taps[name] - {"logits"}))
             trained = name in stage.train
@@ -251,8 +274,11 @@ class Runtime:
                 derived[name] = v(y)
         return derived
 
-    def peer_losses(self, name: str, outs: Outputs, batch, epoch_in_stage: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """The trained peer's total loss: task CE × its scale + Σ weighted incoming edges."""
+    def peer_losses(self, name: str, outs: Outputs, batch, epoch_in_stage: int,
+                    phase: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """The trained peer's total loss: task CE × its scale + Σ weighted incoming edges (of this phase).
+
+        Phase 0 is the main update and carries the CE; a later phase holds only its own edges."""
         peer = self.peers[name]
         target = outs[name]
         terms: dict[str, Tensor] = {}
@@ -264,23 +290,36 @@ class Runtime:
                     continue
                 loss = self.losses[e.index]
                 w = e.weight_at(epoch_in_stage)
-                if w == 0:
+                if w == 0 or loss.phase != phase:
                     continue
                 task_scale *= loss.task_scale
                 source = {k: v.detach() for k, v in outs[e.source].items()}
                 value = loss(source, target, batch).float()
                 terms[f"edge/{e.loss}_from_{e.source}"] = value.detach()
                 total = w * value if total is None else total + w * value
+            if phase != 0:
+                total = total if total is not None else target["logits"].sum() * 0.0
+                return total, terms
             task = F.cross_entropy(target["logits"].float(), batch.y)
         terms["task"] = task.detach()
         total = task_scale * task if total is None else total + task_scale * task
         terms["loss"] = total.detach()
         return total, terms
 
-    def update(self, totals: Mapping[str, Tensor]) -> None:
+    def update(self, totals: Mapping[str, Tensor], phase: int = 0) -> None:
         """Backward and step. The peers share no graph, so one backward over their sum serves them all;
-        a DeepSpeed peer runs its own engine's backward and step."""
+        a DeepSpeed peer runs its own engine's backward and step; a later phase steps its own optimizer."""
         peers = [self.peers[n] for n in totals]
+        if phase != 0:
+            opts = [p.phase_optimizers[phase] for p in peers if phase in p.phase_optimizers]
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            torch.stack([totals[p.peer_name] for p in peers]).sum().backward()
+            if self.grad_sync is not None:
+                self.grad_sync(peers)
+            for o in opts:
+                o.step()
+            return
         plain = [p for p in peers if p.ds is None]
         for p in peers:
             if p.ds is not None:
@@ -315,27 +354,40 @@ class Runtime:
         x, y = batch.x.to(self.device, non_blocking=True), batch.y.to(self.device, non_blocking=True)
         batch = batch._replace(x=x, y=y)
         xs = self.inputs(batch, epoch) if self.uses_views else x
-        outs = self.forward(xs, [p for p in self.peers if p in self.in_use])
-        outs.update(self.derived(outs, y))
-        return self.finish_step(outs, batch, epoch, epoch_in_stage)
+        result = None
+        for phase in self.phases:  # a later phase sees the weights the earlier one just updated
+            outs = self.forward(xs, [p for p in self.peers if p in self.in_use])
+            outs.update(self.derived(outs, y))
+            result = self.finish_step(outs, batch, epoch, epoch_in_stage, phase=phase, result=result)
+        return result
 
-    def finish_step(self, outs: Outputs, batch, epoch: int, epoch_in_stage: int) -> StepResult:
-        """Losses, divergence check and update for the owned trained peers, given every needed output."""
-        result = StepResult(count=int(batch.y.shape[0]))
+    def finish_step(self, outs: Outputs, batch, epoch: int, epoch_in_stage: int, phase: int = 0,
+                    result: StepResult | None = None) -> StepResult:
+        """Losses, divergence check and update of one phase for the owned trained peers, given every needed output.
+
+        The global step advances after the last phase."""
+        result = result or StepResult(count=int(batch.y.shape[0]))
         totals = {}
+        terms_now = {}
         for name in self.stage.train:
             if name not in self.peers:
                 continue
-            totals[name], result.terms[name] = self.peer_losses(name, outs, batch, epoch_in_stage)
-            result.correct[name] = (outs[name]["logits"].detach().argmax(1) == batch.y).sum()
-        if totals:
+            totals[name], terms_now[name] = self.peer_losses(name, outs, batch, epoch_in_stage, phase)
+            result.terms.setdefault(name, {}).update(terms_now[name])
+            if phase == 0:
+                result.correct[name] = (outs[name]["logits"].detach().argmax(1) == batch.y).sum()
+        if totals and phase != 0:
+            self.check_finite(totals, terms_now, epoch)
+            self.update(totals, phase)
+        elif totals:
             self.check_finite(totals, result.terms, epoch)
             if self.step_log is not None:
                 for name, t in totals.items():
                     self.step_log.write(json.dumps({"step": self.global_step, "peer": name, "loss": float(t.detach())}) + "\n")
                 self.step_log.flush()
             self.update(totals)
-        self.global_step += 1
+        if phase == self.phases[-1]:
+            self.global_step += 1
         return result
 
     def end_epoch(self) -> None:

@@ -141,21 +141,24 @@ def train_worker(config: dict) -> None:
             x, y = batch.x.to(device), batch.y.to(device)
             batch = batch._replace(x=x, y=y)
             shard["size"] = len(y)
-            t0 = time.perf_counter()
-            outs = rt.forward(rt.inputs(batch, epoch) if rt.uses_views else x, [p for p in rt.peers if p in rt.in_use])
-            t1 = time.perf_counter()
-            if profile:
-                dist.barrier(group=exchange.group)
-            t2 = time.perf_counter()
-            outs.update(exchange(outs, len(y)))
-            t3 = time.perf_counter()
-            outs.update(rt.derived(outs, y))
-            res = rt.finish_step(outs, batch, epoch, in_stage)
-            t4 = time.perf_counter()
-            if profile:
-                timings["compute"].append((t1 - t0) + (t4 - t3))
-                timings["wait"].append(t2 - t1)
-                timings["exchange"].append(t3 - t2)
+            xs = rt.inputs(batch, epoch) if rt.uses_views else x
+            res = None
+            for phase in rt.phases:  # AFD-style losses update again after the main step
+                t0 = time.perf_counter()
+                outs = rt.forward(xs, [p for p in rt.peers if p in rt.in_use])
+                t1 = time.perf_counter()
+                if profile:
+                    dist.barrier(group=exchange.group)
+                t2 = time.perf_counter()
+                outs.update(exchange(outs, len(y)))
+                t3 = time.perf_counter()
+                outs.update(rt.derived(outs, y))
+                res = rt.finish_step(outs, batch, epoch, in_stage, phase=phase, result=res)
+                t4 = time.perf_counter()
+                if profile:
+                    timings["compute"].append((t1 - t0) + (t4 - t3))
+                    timings["wait"].append(t2 - t1)
+                    timings["exchange"].append(t3 - t2)
             _refit(rt, holdout, me)
             seen += res.count
             for peer, terms in res.terms.items():

@@ -44,6 +44,7 @@ class EdgeLoss(nn.Module):
     Params: ClassVar[type[BaseModel]] = Params
     allows_self: ClassVar[bool] = False
     needs_source_model: ClassVar[bool] = False  # reads the source network itself (e.g. its BN statistics)
+    phase: ClassVar[int] = 0  # 0: the main update with CE; 1: a separate update after it (AFD's adversarial step)
     source_kinds: ClassVar[frozenset[str]] = frozenset({"peer", "ensemble", "virtual"})
 
     def __init__(self, params: BaseModel):
@@ -61,6 +62,14 @@ class EdgeLoss(nn.Module):
 
     def attach(self, ctx: EdgeContext) -> None:
         """Take what the loss needs from the run (source model, training labels) before the first step."""
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups of this edge's modules in the main (phase 0) update."""
+        return [{"params": list(self.parameters())}]
+
+    def phase_param_groups(self, net: nn.Module) -> list[dict]:
+        """For a phase > 0 loss: the groups its own update optimises (e.g. the target net at a lower lr)."""
+        return []
 
     @property
     def task_scale(self) -> float:
