@@ -224,3 +224,22 @@ def test_kdcl_general_runs_and_refits(tmp_path):
     assert w.sum().item() == pytest.approx(1.0, abs=1e-5) and (w >= 0).all()
     assert not torch.allclose(w, torch.full((3,), 1 / 3))
     assert set(summary["peers"]) == {"a", "b", "c"} and "teacher" in summary["ensembles"]
+
+
+def test_attention_transfer_gradients_reach_the_student_only_and_quick_runs(tmp_path):
+    topo = quick("at", **{"train.epochs": 1})
+    data = build_data(topo.config.data, 0)
+    rt = Runtime(topo, data.info, train_targets=data.train.targets)
+    rt.enter_stage(topo.stages[1])
+    from online_kd.data import BatchStream
+
+    batch = next(iter(BatchStream(data.train, 16, 0).epoch(0)))
+    outs = rt.forward(batch.x, ["teacher", "student"])
+    assert {"stage1", "stage2", "stage3"} <= set(outs["student"]) and {"stage3"} <= set(outs["teacher"])
+    total, terms = rt.peer_losses("student", outs, batch, 0)
+    assert terms["edge/at_from_teacher"] > 0
+    total.backward()
+    assert all(p.grad is None for p in rt.peers["teacher"].net.parameters())
+    assert rt.peers["student"].net.conv1.weight.grad.abs().sum() > 0
+    summary = run(topo, tmp_path / "at")
+    assert summary["peers"]["student"]["top1_last"] > 10
