@@ -73,20 +73,17 @@ class MinLogit(Combiner):
         return torch.stack(shifted).min(0).values
 
 
-class LinearParams(CombinerParams):
+class WeightedParams(CombinerParams):
     refit_every: int = Field(100, ge=1)
-    refit_iters: int = Field(100, ge=1)
 
 
-@register_combiner("linear")
-class Linear(Combiner):
-    """KDCL-Linear: Σ wᵢ zᵢ with w on the simplex minimising CE on the held-out split.
+class Weighted(Combiner):
+    """Σ wᵢ zᵢ with weights on the simplex, refit on the held-out split every ``refit_every`` steps.
 
-    The weights start uniform and are refit every ``refit_every`` steps (softmax-parametrised,
-    L-BFGS on the held-out logits); they are checkpointed as a buffer.
+    The weights start uniform and are checkpointed as a buffer.
     """
 
-    Params = LinearParams
+    Params = WeightedParams
 
     def __init__(self, params, num_members):
         super().__init__(params, num_members)
@@ -95,6 +92,20 @@ class Linear(Combiner):
     @property
     def refit_every(self):
         return self.params.refit_every
+
+    def forward(self, members, y):
+        return torch.einsum("m,mnc->nc", self.weights.to(members[0].dtype), torch.stack(members))
+
+
+class LinearParams(WeightedParams):
+    refit_iters: int = Field(100, ge=1)
+
+
+@register_combiner("linear")
+class Linear(Weighted):
+    """KDCL-Linear: the simplex weights minimising CE of Σ wᵢ zᵢ on the held-out split (L-BFGS, softmax-parametrised)."""
+
+    Params = LinearParams
 
     def refit(self, members, y):
         z = torch.stack([m.detach().float() for m in members])  # M×N×C
@@ -111,35 +122,23 @@ class Linear(Combiner):
             opt.step(closure)
         self.weights.copy_(torch.softmax(theta.detach(), 0))
 
-    def forward(self, members, y):
-        return torch.einsum("m,mnc->nc", self.weights.to(members[0].dtype), torch.stack(members))
 
-
-class GeneralParams(CombinerParams):
-    refit_every: int = Field(100, ge=1)
+class GeneralParams(WeightedParams):
     ridge: float = Field(1e-6, ge=0)
 
 
 @register_combiner("general")
-class General(Combiner):
+class General(Weighted):
     """KDCL-General: weights minimising the ensemble's generalisation error estimated on held-out data.
 
     With eᵢ = softmax(zᵢ) − onehot(y) on the held-out split and C_ij = mean ⟨eᵢ, eⱼ⟩, the squared error
     of Σ wᵢ pᵢ under Σ wᵢ = 1 is minimised by w = C⁻¹1 / 1ᵀC⁻¹1 (Perrone & Cooper's generalised ensemble
     method; ``ridge`` is added to C's diagonal). No official code exists: negative weights are clipped
     to 0 and the rest renormalised, so the teacher stays a mixture; members' logits are combined as
-    in ``linear``. Refit every ``refit_every`` steps; checkpointed as a buffer.
+    in ``linear``.
     """
 
     Params = GeneralParams
-
-    def __init__(self, params, num_members):
-        super().__init__(params, num_members)
-        self.register_buffer("weights", torch.full((num_members,), 1.0 / num_members))
-
-    @property
-    def refit_every(self):
-        return self.params.refit_every
 
     def refit(self, members, y):
         probs = torch.stack([torch.softmax(m.detach().double(), -1) for m in members])  # M×N×C
@@ -149,6 +148,3 @@ class General(Combiner):
         w = torch.linalg.solve(c, torch.ones(len(members), dtype=c.dtype))
         w = (w / w.sum()).clamp_min(0)
         self.weights.copy_((w / w.sum()).to(self.weights.dtype))
-
-    def forward(self, members, y):
-        return torch.einsum("m,mnc->nc", self.weights.to(members[0].dtype), torch.stack(members))
