@@ -27,10 +27,32 @@ METHODS = {
             "ResNet-32 ×2: 71.19 vs 68.99 alone (paper; no official CIFAR code, unverified)"),
     "kd": ("Distilling the Knowledge in a Neural Network (Hinton et al., 2015)", "cifar100/kd.yaml",
            "resnet32x4→resnet8x4: 73.33 (RepDistiller README, last epoch)"),
-    "kdcl": ("Online KD via Collaborative Learning (Guo et al., CVPR 2020)", "cifar100/kdcl.yaml",
+    "kdcl": ("Online KD via Collaborative Learning, MinLogit (Guo et al., CVPR 2020)", "cifar100/kdcl.yaml",
              "— (no official code; paper figures not verified)"),
+    "kdcl_general": ("Online KD via Collaborative Learning, General + views (Guo et al., CVPR 2020)",
+                     "cifar100/kdcl_general.yaml", "— (no official code; paper figures not verified)"),
     "takd": ("Teacher Assistant KD (Mirzadeh et al., AAAI 2020)", "cifar100/takd.yaml",
              "R110→R20→R8: 61.82 (maintainer, official repo issue #7)"),
+    "afd": ("Feature-map-level Online Adversarial KD (Chung et al., ICML 2020)", "cifar100/afd_ring3.yaml",
+            "— (no public code; paper figures not verified)"),
+    "at": ("Paying More Attention to Attention (Zagoruyko & Komodakis, ICLR 2017)", "cifar100/at.yaml",
+           "resnet32x4→resnet8x4: 73.44 (RepDistiller README)"),
+    "fitnet": ("FitNets: Hints for Thin Deep Nets (Romero et al., ICLR 2015)", "cifar100/fitnet.yaml",
+               "resnet32x4→resnet8x4: 73.50 (RepDistiller README)"),
+    "fsp": ("A Gift from Knowledge Distillation (Yim et al., CVPR 2017)", "cifar100/fsp.yaml",
+            "resnet32x4→resnet8x4: 72.62 (RepDistiller README)"),
+    "sp": ("Similarity-Preserving KD (Tung & Mori, ICCV 2019)", "cifar100/sp.yaml",
+           "resnet32x4→resnet8x4: 72.94 (RepDistiller README)"),
+    "rkd": ("Relational KD (Park et al., CVPR 2019)", "cifar100/rkd.yaml",
+            "resnet32x4→resnet8x4: 71.90 (RepDistiller README)"),
+    "crd": ("Contrastive Representation Distillation (Tian et al., ICLR 2020)", "cifar100/crd.yaml",
+            "resnet32x4→resnet8x4: 75.51 (RepDistiller README)"),
+    "ofd": ("A Comprehensive Overhaul of Feature Distillation (Heo et al., ICCV 2019)", "cifar100/ofd.yaml",
+            "resnet32x4→resnet8x4: 74.95 (third-party tables, CRD protocol)"),
+    "reviewkd": ("Distilling Knowledge via Knowledge Review (Chen et al., CVPR 2021)", "cifar100/reviewkd.yaml",
+                 "resnet32x4→resnet8x4: 75.63 (paper, via a third-party table)"),
+    "infoflow": ("Heterogeneous KD via Information Flow Modeling (Passalis et al., CVPR 2020)",
+                 "cifar100/infoflow.yaml", "— (official results are CIFAR-10 retrieval mAP)"),
 }
 
 
@@ -70,18 +92,26 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     if args.readme:
-        from readme import machine, update_readme
+        write_rows(rows, len(seeds))
 
-        update_readme("methods", "\n".join(rows))
-        note = (f"Quick results: last-epoch top-1 on the digits test split, {len(seeds)} seeds, measured on {machine()} "
-                "by `benchmarks/quick_results.py`; 'alone' is the same YAML with `edges=[]`.")
-        readme = Path(__file__).resolve().parents[1] / "README.md"
-        text = readme.read_text()
-        marker = "<!-- /bench:methods -->\n"
-        head, tail = text.split(marker)
-        tail = tail.split("\n\n", 1)[1] if tail.startswith("\nQuick results") else tail
-        readme.write_text(head + marker + "\n" + note + "\n\n" + tail.lstrip("\n"))
 
+def write_rows(rows: list[str], n_seeds: int) -> None:
+    """Put these rows into the README's method table, keeping the other methods' rows, in METHODS order."""
+    import re
+
+    from readme import README, machine, update_readme
+
+    text = README.read_text()
+    section = re.search(r"<!-- bench:methods -->\n(.*?)<!-- /bench:methods -->", text, re.S)
+    table = {r.split("|")[1].strip(): r for r in (section.group(1).splitlines() if section else []) if r.startswith("|")}
+    table.update({r.split("|")[1].strip(): r for r in rows})
+    order = [m for m in METHODS if m in table] + [m for m in table if m not in METHODS]
+    update_readme("methods", "\n".join(table[m] for m in order))
+    note = (f"Quick results: last-epoch top-1 on the digits test split, mean ± sd over {n_seeds} seeds, measured on "
+            f"{machine()} by `benchmarks/quick_results.py`; 'vs' is the same YAML with `edges=[]` (the peer alone).")
+    text = README.read_text()
+    text = re.sub(r"\nQuick results: .*?\n", "\n", text)
+    README.write_text(text.replace("<!-- /bench:methods -->\n", "<!-- /bench:methods -->\n\n" + note + "\n", 1))
 
 if __name__ == "__main__":
     main()
