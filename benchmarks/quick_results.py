@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from online_kd.engine.local import LocalEngine, RunOptions
 from online_kd.topology import load_topology
@@ -57,10 +58,12 @@ METHODS = {
 
 
 def last_top1(path: Path, seed: int, alone: bool) -> dict[str, float]:
-    overrides = {"train.seed": seed, "tracking.enabled": False}
-    if alone:
-        overrides["edges"] = []
-    topo = load_topology(path, overrides)
+    raw = yaml.safe_load(path.read_text())
+    if alone:  # the same peers, stages and epochs, with no edge (and no stage naming one)
+        raw["edges"] = []
+        for stage in raw.get("stages", []):
+            stage.pop("edges", None)
+    topo = load_topology(raw, {"train.seed": seed, "tracking.enabled": False})
     with tempfile.TemporaryDirectory() as out:
         summary = LocalEngine(topo, RunOptions(out_dir=Path(out), tracking=False, quiet=True)).run()
     learners = {e.target for e in load_topology(path).edges}
