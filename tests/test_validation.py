@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from online_kd.errors import TopologyError
@@ -222,7 +221,36 @@ def test_stage_order_follows_after():
 def test_source_trained_in_a_later_stage_than_its_target():
     raw = base(stages=[{"name": "s", "train": ["student"]}, {"name": "t", "train": ["teacher"]}])
     msg = error(raw)
-    assert msg.startswith("edges[0].from: 'teacher' is first trained in stage 't', after 'student' (stage 's')")
+    assert msg.startswith("edges[0].from: 'teacher' is first trained in stage 't', after this edge teaches 'student' "
+                          "(stage 's')")
+
+
+def test_stage_edges_must_name_edges():
+    raw = base(stages=[{"name": "t", "train": ["teacher"]}, {"name": "s", "train": ["student"], "edges": ["kd1"]}])
+    raw["edges"][0]["name"] = "kd"
+    assert error(raw).startswith("stages[1].edges[0]: unknown edge name 'kd1' (did you mean kd")
+    raw["edges"][0].pop("name")
+    assert error(raw) == "stages[1].edges[0]: unknown edge name 'kd1' (no edge has a 'name')"
+
+
+def test_edge_active_in_no_stage():
+    raw = base(stages=[{"name": "t", "train": ["teacher"]}, {"name": "s", "train": ["student"], "edges": ["other"]}])
+    raw["edges"][0]["name"] = "kd"
+    raw["edges"].append({"name": "other", "from": "teacher", "to": "student", "loss": "kl"})
+    assert error(raw).startswith("edges[0].name: the edge into 'student' is active in no stage: the stages that train "
+                                 "it (stages[1]) list other 'edges'")
+
+
+def test_source_order_counts_the_stage_where_the_edge_is_active():
+    # the student trains alone first, then with the teacher's KD once the teacher is trained
+    raw = base(stages=[{"name": "warm", "train": ["student"], "edges": []},
+                       {"name": "t", "train": ["teacher"]},
+                       {"name": "s", "train": ["student"], "edges": ["kd"]}])
+    raw["edges"][0]["name"] = "kd"
+    assert [s.name for s in load_topology(raw).stages] == ["warm", "t", "s"]
+    raw["stages"][0]["edges"] = ["kd"]
+    assert error(raw).startswith("edges[0].from: 'teacher' is first trained in stage 't', after this edge teaches "
+                                 "'student' (stage 'warm')")
 
 
 def test_source_trained_later_is_fine_with_init():
@@ -310,9 +338,9 @@ def test_unknown_key_in_a_strict_section_lists_allowed_keys():
 
 def test_unknown_key_inside_list_items_lists_allowed_keys():
     raw = base(stages=[{"train": ["teacher"], "trian": ["student"]}])
-    assert error(raw) == "stages[0].trian: unknown key, did you mean 'train'? (allowed: name, train, epochs, after)"
+    assert error(raw).startswith("stages[0].trian: unknown key, did you mean 'train'? (allowed: name, train, epochs, after")
     assert error(base(), ["edges[0].schedule.foo=1"]).startswith(
-        "edges[0].schedule.foo: unknown key (allowed: name, epochs, milestones, gamma)")
+        "edges[0].schedule.foo: unknown key (allowed: name, epochs, milestones, gamma")
 
 
 def test_unknown_top_level_key():
@@ -331,7 +359,8 @@ def test_unknown_key_that_cannot_be_a_place_is_quoted_in_the_message():
 def test_unknown_loss_parameter_lists_the_loss_parameters_and_the_edge_keys():
     msg = error(base(), ["edges[0].temprature=2"])
     assert msg.startswith("edges[0].temprature: unknown key, did you mean 'temperature'? "
-                          "(loss 'kd' takes temperature, alpha, reduction; besides from, to, loss,")
+                          "(loss 'kd' takes temperature, alpha, reduction; besides ")
+    assert "from, to, loss, weight, schedule, until_epoch, pattern, over, center" in msg
 
 
 def test_bad_loss_and_combiner_parameter_values():
@@ -519,8 +548,9 @@ def test_until_epoch_and_constant_weight():
 
 
 def test_bad_weight_schedule():
-    assert error(base(), ["edges[0].schedule.name=cosine"]).startswith(
-        "edges[0].schedule.name: Input should be 'constant', 'linear_warmup' or 'step' (got 'cosine')")
+    msg = error(base(), ["edges[0].schedule.name=cosine"])
+    assert msg.startswith("edges[0].schedule.name: Input should be 'constant', 'linear_warmup', ")
+    assert msg.endswith(" (got 'cosine')")
     assert error(base(), ["edges[0].schedule.epochs=-1"]).startswith("edges[0].schedule.epochs: Input should be greater")
 
 
@@ -591,12 +621,6 @@ def test_model_that_cannot_take_the_input_size():
 def test_data_errors_are_topology_errors():
     msg = error(base(), ["data.dataset=imagefolder", "data.root=/nonexistent/x"], plan=True)
     assert msg.startswith("data.root: no ImageFolder tree under /nonexistent/x")
-
-
-def test_all_quick_topologies_plan():
-    for path in sorted(QUICK.glob("*.yaml")):
-        plan = build_plan(load_topology(path))
-        assert plan.shapes and all(s["logits"] == (10,) for s in plan.shapes.values())
 
 
 # ---------------------------------------------------------------------- files and the CLI

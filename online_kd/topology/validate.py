@@ -114,6 +114,13 @@ def check_topology(topology: Topology) -> None:
         if cfg.pattern is None and isinstance(cfg.to, list) and not cfg.to:
             raise TopologyError(f"edges[{i}].to", "lists no target peer")
 
+    edge_names = {e.name for e in topology.edges if e.name is not None}
+    for s in stages:
+        for j, name in enumerate(s.edges or ()):
+            if name not in edge_names:
+                raise TopologyError(f"{s.origin}.edges[{j}]", suggest(name, edge_names, "edge name")
+                                    if edge_names else f"unknown edge name '{name}' (no edge has a 'name')")
+
     edge_keys: dict[tuple[str, str, str], str] = {}
     for e in topology.edges:
         how = f" ({e.pattern} {e.source}→{e.target})" if e.pattern else ""
@@ -144,10 +151,16 @@ def check_topology(topology: Topology) -> None:
         if key in edge_keys:
             raise TopologyError(at("to"), f"the {e.loss} edge {e.source}→{e.target} is already given by {edge_keys[key]}")
         edge_keys[key] = e.origin + how
-        target_stage = topology.trained_stage(e.target)
-        if target_stage is None:
+        if topology.trained_stage(e.target) is None:
             why = "frozen" if c.peers[e.target].frozen else "in no stage's 'train' list"
             raise TopologyError(at("to"), f"edge into '{e.target}', which is never trained ({why}){how}")
+        active = [i for i, s in enumerate(stages) if e.target in s.train and (s.edges is None or e.name in s.edges)]
+        if not active:
+            lists = ", ".join(s.origin for s in stages if e.target in s.train)
+            raise TopologyError(f"{e.origin}.name" if e.name is not None else e.origin,
+                                f"the edge into '{e.target}' is active in no stage: the stages that train it "
+                                f"({lists}) list other 'edges'{how}")
+        target_stage = active[0]
         for src in sorted(topology.peer_sources(e.source)):
             src_stage = topology.trained_stage(src)
             if c.peers[src].init:
@@ -157,8 +170,8 @@ def check_topology(topology: Topology) -> None:
                                                 f"it would teach '{e.target}' untrained{how}")
             if src_stage > target_stage:
                 raise TopologyError(at("from"), f"'{src}' is first trained in stage '{stages[src_stage].name}', after "
-                                                f"'{e.target}' (stage '{stages[target_stage].name}'): it would teach "
-                                                f"untrained{how}")
+                                                f"this edge teaches '{e.target}' (stage '{stages[target_stage].name}'): "
+                                                f"it would teach untrained{how}")
 
     colocated: dict[str, int] = {}
     for i, group in enumerate(c.engine.colocate):
