@@ -188,9 +188,12 @@ class Runtime:
             if loss.needs_source_model and source is None:
                 raise TopologyError(e.origin, f"loss '{e.loss}' reads the source network itself: put '{e.source}' "
                                               f"and '{e.target}' in one worker (engine.colocate)")
-            loss.attach(EdgeContext(source_model=source, train_targets=train_targets,
-                                    num_train=None if train_targets is None else len(train_targets),
-                                    num_classes=self.info.num_classes))
+            try:
+                loss.attach(EdgeContext(source_model=source, train_targets=train_targets,
+                                        num_train=None if train_targets is None else len(train_targets),
+                                        num_classes=self.info.num_classes))
+            except ValueError as err:
+                raise TopologyError(e.origin, f"{e.source}→{e.target} ({e.loss}): {err}") from None
 
     # ------------------------------------------------------------------ stage
     def enter_stage(self, stage: Stage) -> None:
