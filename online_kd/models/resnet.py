@@ -4,6 +4,8 @@ Parameter names follow RepDistiller's ``models/resnet.py`` so its checkpoints lo
 Taps: ``stem`` (after conv1-bn1-relu), ``stage1..3`` = ``layer1..3`` outputs (post-ReLU),
 ``stageK_pre`` = input of the last block's ``relu_out`` (the residual sum before the
 ReLU, RepDistiller's ``preact``), ``pool`` = input of ``fc``.
+``pre_relu_bns()``: ``stageK_pre`` ↦ that block's ``bn2`` (the sum also holds the shortcut;
+overhaul-distillation's ``get_bn_before_relu`` takes ``bn2`` all the same).
 """
 from __future__ import annotations
 
@@ -89,6 +91,10 @@ class CifarResNet(nn.Module):
             points.update(stage_points(k, layer, f"{layer}.{last}.relu_out"))
         points["pool"] = TapPoint("fc", "input")
         return points
+
+    def pre_relu_bns(self) -> dict[str, str]:
+        """stageK_pre ↦ the last block's bn2 (OFD's margin source)."""
+        return {f"stage{k}_pre": f"layer{k}.{len(getattr(self, f'layer{k}')) - 1}.bn2" for k in (1, 2, 3)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

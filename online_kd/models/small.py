@@ -80,6 +80,10 @@ class ConvNet(nn.Module):
         points["pool"] = TapPoint("fc", "input")
         return points
 
+    def pre_relu_bns(self) -> dict[str, str]:
+        """stageK_pre ↦ stage K's BN (OFD's margin source)."""
+        return {f"stage{k}_pre": f"stages.{k - 1}.bn" for k in range(1, len(self.stages) + 1)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flatten(self.avgpool(self.stages(x))))
 

@@ -16,6 +16,10 @@ Tap names every zoo model exposes:
 
 Models without ``tap_points()`` (torchvision, user models) get generic taps:
 ``pool`` = input of the last ``nn.Linear`` and ``stageK`` = output of ``layerK``.
+
+A model may also declare ``pre_relu_bns() -> dict[str, str]``: for a pre-ReLU tap, the
+path of the BatchNorm whose affine output it is (OFD reads the margin from its γ, β);
+:func:`bn_before` looks it up.
 """
 from __future__ import annotations
 
@@ -110,6 +114,26 @@ def resolve_tap(model: nn.Module, name: str, points: dict[str, TapPoint] | None 
             f"no tap '{name}' (no submodule '{point.module}' in {type(model).__name__}; taps: {avail})"
         ) from None
     return point
+
+
+def bn_before(model: nn.Module, tap: str) -> nn.BatchNorm2d:
+    """The BatchNorm2d whose output feeds pre-ReLU tap ``tap`` (the model's ``pre_relu_bns()``).
+
+    ValueError if the model declares none, or none for this tap.
+    """
+    model = _unwrap(model)
+    declared = getattr(model, "pre_relu_bns", None)
+    if not callable(declared):
+        raise ValueError(f"{type(model).__name__} does not declare the BatchNorm before its pre-ReLU taps "
+                         "(pre_relu_bns(); declared by the CIFAR ResNets, WRNs and convnet)")
+    bns = declared()
+    if tap not in bns:
+        raise ValueError(f"{type(model).__name__} declares no BatchNorm before tap '{tap}' "
+                         f"(it does for: {', '.join(bns) or 'none'})")
+    bn = model.get_submodule(bns[tap])
+    if not isinstance(bn, nn.BatchNorm2d) or not bn.affine:
+        raise ValueError(f"'{bns[tap]}' before tap '{tap}' of {type(model).__name__} is not an affine BatchNorm2d")
+    return bn
 
 
 class _Capture:

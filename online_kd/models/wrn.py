@@ -99,6 +99,10 @@ class WideResNet(nn.Module):
         points["pool"] = TapPoint("fc", "input")
         return points
 
+    def pre_relu_bns(self) -> dict[str, str]:
+        """stageK_pre ↦ the next BN, whose output that tap is (OFD's margin source)."""
+        return {"stage1_pre": "block2.layer.0.bn1", "stage2_pre": "block3.layer.0.bn1", "stage3_pre": "bn1"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = self.relu(self.bn1(out))
