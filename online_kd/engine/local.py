@@ -1,7 +1,6 @@
 """The local engine: every peer in one process, stages in order, one checkpoint per epoch."""
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ import torch
 from ..errors import TopologyError
 from ..topology.graph import Topology
 from . import checkpoint as ckpt
-from .report import Reporter, roles
+from .report import Reporter
 from .step import Runtime, resolve_device, topk_correct
 
 
@@ -171,9 +170,3 @@ class LocalEngine:
         random.setstate(state["rng"]["python"])
         return state
 
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False))
-
-
-__all__ = ["LocalEngine", "RunOptions", "roles"]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import DivergenceError
 from ..models import TappedModel
-from ..topology.graph import Edge, Stage, Topology
+from ..topology.graph import Stage, Topology
 from ..topology.plan import active_edges, needed_taps, peers_in_use
 from . import checkpoint as ckpt
 from .build import build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual

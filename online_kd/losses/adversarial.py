@@ -7,7 +7,6 @@ public. Pair it with ``kl`` edges for the logit part and the ``ring`` pattern fo
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
