@@ -53,6 +53,40 @@ def check_inits(topology: Topology) -> None:
             raise TopologyError(f"peers.{name}.init", f"no such checkpoint file '{p.init}'")
 
 
+def produce_before(stage_idx: int, rt: Runtime, data, produced: dict, out_dir: Path, reporter: Reporter) -> None:
+    """Make (or reload from the run directory) every produced set due before training stage ``stage_idx``."""
+    from ..stages import ProduceContext, ProducedSet
+    from ..topology.validate import build_stage_kind
+
+    topo = rt.topology
+    for p in topo.producers:
+        if p.before > stage_idx or p.name in produced:
+            continue
+        path = Path(out_dir) / "produced" / f"{p.name}.pt"
+        if path.is_file():
+            produced[p.name] = ProducedSet.load(path)
+            reporter.console.print(f"stage '{p.name}': reloaded {len(produced[p.name])} samples from {path}")
+            continue
+        kind = build_stage_kind(topo, p)
+        ctx = ProduceContext(runtime=rt, data=data, topology=topo, out_dir=Path(out_dir), seed=topo.config.train.seed,
+                             produced=produced, progress=reporter.task)
+        with torch.random.fork_rng(devices=[]):
+            made = kind.run(ctx)
+        made.save(path)
+        produced[p.name] = made
+
+
+def stage_train_stream(stage, data, produced: dict, default):
+    """The training batches of a stage: its produced set when it names one, else the topology's."""
+    from ..data import BatchStream
+
+    if stage.data is None:
+        return default
+    made = produced[stage.data]
+    return BatchStream(made.dataset(), default.batch_size, default.seed,
+                       transform=data.train_transform if made.augment else None, shuffle=True)
+
+
 class LocalEngine:
     """Runs a topology in this process: the design's synchronous step, evaluation, checkpoints."""
 
@@ -72,7 +106,7 @@ class LocalEngine:
         rt = Runtime(topo, data.info, device, train_targets=data.train.targets)
         rt.set_views(data.train, data.train_transform)
         bs = c.data.batch_size
-        train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, shuffle=True)
+        base_train = train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, shuffle=True)
         test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False)
         holdout = BatchStream(data.holdout, c.data.test_batch_size or bs, c.train.seed, shuffle=False) \
             if data.holdout is not None else None
@@ -89,12 +123,17 @@ class LocalEngine:
         steps_per_epoch = min(len(train), c.train.max_steps_per_epoch or len(train))
         reporter.start(data.info, steps_per_epoch, start_epoch)
         done_here = 0
+        produced: dict = {}
         try:
             for epoch in range(start_epoch, total):
                 stage_idx, in_stage = stage_at(topo, epoch)
                 stage = topo.stages[stage_idx]
                 if rt.stage is not stage:
+                    produce_before(stage_idx, rt, data, produced, self.opt.out_dir, reporter)
                     rt.enter_stage(stage)
+                    train = stage_train_stream(stage, data, produced, base_train)
+                    steps_per_epoch = min(len(train), c.train.max_steps_per_epoch or len(train))
+                    reporter.steps_per_epoch = steps_per_epoch
                 sums: dict[str, dict[str, torch.Tensor]] = {}
                 correct: dict[str, torch.Tensor] = {}
                 seen = 0

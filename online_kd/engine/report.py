@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,16 @@ def roles(topology: Topology) -> dict[str, str]:
     for name in topology.config.ensembles:
         out[name] = "ensemble"
     return out
+
+
+class _Advance:
+    """What :meth:`Reporter.task` yields: ``advance(n)`` moves the bar."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def advance(self, n: int = 1) -> None:
+        self._fn(n)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -118,6 +129,22 @@ class Reporter:
 
     def tracker_state(self) -> dict | None:
         return self.tracker.state() if self.tracker else None
+
+    # ------------------------------------------------------------------ producing stages
+    @contextmanager
+    def task(self, description: str, total: int):
+        """Progress of a long piece of work outside the epochs (a producing stage): a bar, or start/end lines."""
+        t0 = time.time()
+        self.console.print(f"{escape(description)}: {total} steps")
+        if self.progress is not None:
+            task = self.progress.add_task(escape(description), total=total, info="")
+            try:
+                yield _Advance(lambda n: self.progress.advance(task, n))
+            finally:
+                self.progress.remove_task(task)
+        else:
+            yield _Advance(lambda n: None)
+        self.console.print(f"{escape(description)}: done in {time.time() - t0:.1f}s")
 
     # ------------------------------------------------------------------ per epoch
     def epoch_started(self, epoch: int, stage: Stage) -> None:

@@ -209,6 +209,10 @@ class Runtime:
             peer.net.train(trained)
             peer.edges.train(trained)
             peer.net.requires_grad_(trained)
+            if name in stage.freeze_bn:  # running statistics stay those of the data the peer was built on
+                for m in peer.net.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
 
     def autocast(self):
         if self.precision == "fp32":
@@ -413,7 +417,7 @@ class Runtime:
     def logits_over(self, stream, names: Iterable[str], epoch: int = 0) -> tuple[dict[str, Tensor], Tensor]:
         """Eval-mode logits of the named peers over a whole (unshuffled) split, and its labels."""
         names = list(names)
-        modes = {n: self.peers[n].net.training for n in names}
+        modes = {n: [m.training for m in self.peers[n].net.modules()] for n in names}  # per module: frozen BN
         for n in names:
             self.peers[n].net.eval()
         chunks: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -426,8 +430,9 @@ class Runtime:
                         chunks[n].append(self.peers[n].net(x).float())
                     labels.append(b.y.to(self.device))
         finally:
-            for n, m in modes.items():
-                self.peers[n].net.train(m)
+            for n, flags in modes.items():
+                for m, flag in zip(self.peers[n].net.modules(), flags):
+                    m.training = flag
         return {n: torch.cat(c) for n, c in chunks.items()}, torch.cat(labels)
 
     def ensemble_logits(self, logits: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -60,6 +60,19 @@ class Stage:
     origin: str
     edges: tuple[str, ...] | None = None
     task_weight: float | None = None
+    data: str | None = None            # the producing stage whose data set it trains on
+    freeze_bn: tuple[str, ...] = ()    # trained peers whose BN statistics stay fixed
+
+
+@dataclass(frozen=True)
+class ProducerStage:
+    """A stage that makes a data set (``kind`` ≠ train) before training stage number ``before`` starts."""
+
+    name: str
+    kind: str
+    params: dict[str, Any]
+    origin: str
+    before: int
 
 
 @dataclass
@@ -85,8 +98,18 @@ class Topology:
         return [*c.peers, *c.ensembles, *c.virtual]
 
     @cached_property
-    def stages(self) -> list[Stage]:
+    def _resolved(self) -> tuple[list[Stage], list[ProducerStage]]:
         return resolve_stages(self.config)
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The training stages in execution order."""
+        return self._resolved[0]
+
+    @property
+    def producers(self) -> list[ProducerStage]:
+        """The data-producing stages in execution order, each placed before a training stage."""
+        return self._resolved[1]
 
     @property
     def total_epochs(self) -> int:
@@ -122,11 +145,27 @@ class Topology:
              **e.params}
             for e in self.edges
         ]
-        data["stages"] = [{"name": s.name, "train": list(s.train), "epochs": s.epochs} for s in self.stages]
+        data["stages"] = [self._stage_yaml(s) for s in self.stages]
+        for p in self.producers:
+            data["stages"].insert(p.before + self.producers.index(p),
+                                  {"name": p.name, "kind": p.kind, **p.params})
         origins = "".join(f"#   edges[{e.index}] {e.source}->{e.target}: from {e.origin}"
                           f"{f' ({e.pattern})' if e.pattern else ''}\n" for e in self.edges)
         header = f"# topology {self.name!r} as run (patterns expanded, defaults filled in)\n"
         return header + (f"# edges:\n{origins}" if origins else "") + yaml.safe_dump(data, sort_keys=False)
+
+    @staticmethod
+    def _stage_yaml(s: Stage) -> dict:
+        out: dict[str, Any] = {"name": s.name, "train": list(s.train), "epochs": s.epochs}
+        if s.edges is not None:
+            out["edges"] = list(s.edges)
+        if s.task_weight is not None:
+            out["task_weight"] = s.task_weight
+        if s.data:
+            out["data"] = s.data
+        if s.freeze_bn:
+            out["freeze_bn"] = list(s.freeze_bn)
+        return out
 
     def graph_spec(self) -> tuple[list[dict], list[dict]]:
         """Nodes and edges in the form :func:`online_kd.plot.draw_topology` takes."""
@@ -142,11 +181,13 @@ class Topology:
         return nodes, edges
 
 
-def resolve_stages(config: TopologyConfig) -> list[Stage]:
-    """Stages in execution order (YAML order, moved only by ``after``); one implicit stage if none."""
+def resolve_stages(config: TopologyConfig) -> tuple[list[Stage], list[ProducerStage]]:
+    """Training and producing stages in execution order (YAML order, moved only by ``after``).
+
+    With no ``stages`` there is one implicit training stage of every unfrozen peer."""
     if not config.stages:
         train = tuple(n for n, p in config.peers.items() if not p.frozen)
-        return [Stage(name="train", train=train, epochs=config.train.epochs, origin="train")]
+        return [Stage(name="train", train=train, epochs=config.train.epochs, origin="train")], []
     named = {}
     for i, s in enumerate(config.stages):
         name = s.name or f"stage{i + 1}"
@@ -175,9 +216,15 @@ def resolve_stages(config: TopologyConfig) -> list[Stage]:
 
     for name in named:
         visit(name, ())
-    out = []
+    stages: list[Stage] = []
+    producers: list[ProducerStage] = []
     for n in order:
         i, s = named[n]
-        out.append(Stage(name=n, train=tuple(s.train), epochs=s.epochs or config.train.epochs, origin=f"stages[{i}]",
-                         edges=tuple(s.edges) if s.edges is not None else None, task_weight=s.task_weight))
-    return out
+        if s.kind != "train":
+            producers.append(ProducerStage(name=n, kind=s.kind, params=s.extras(), origin=f"stages[{i}]",
+                                           before=len(stages)))
+            continue
+        stages.append(Stage(name=n, train=tuple(s.train), epochs=s.epochs or config.train.epochs, origin=f"stages[{i}]",
+                            edges=tuple(s.edges) if s.edges is not None else None, task_weight=s.task_weight,
+                            data=s.data, freeze_bn=tuple(s.freeze_bn)))
+    return stages, producers

@@ -150,15 +150,25 @@ class EdgeConfig(Open):
         return self
 
 
-class StageConfig(Strict):
-    """A training phase: which peers train and for how long; the others answer frozen."""
+class StageConfig(Open):
+    """A phase of the run, in order.
+
+    ``kind: train`` (the default) trains the peers in ``train`` for ``epochs``; the others are
+    frozen but still answer. Any other kind is a registered stage kind (``online_kd.stages``)
+    that *produces a data set* (a synthetic set, an actively labelled set) from the peers as they
+    are at that point; its parameters are the extra keys, validated by the kind. A later training
+    stage names it in ``data`` to train on it instead of the topology's data set.
+    """
 
     name: str | None = None
-    train: list[str]
+    kind: str = "train"
+    train: list[str] = []
     epochs: int | None = Field(None, ge=1)  # None: train.epochs
     after: list[str] = []
     edges: list[str] | None = None  # names of the edges active in this stage (None: all into trained peers)
     task_weight: float | None = Field(None, ge=0)  # CE weight of the trained peers in this stage
+    data: str | None = None  # a producing stage whose data set this stage trains on
+    freeze_bn: list[str] = []  # trained peers whose BatchNorm statistics stay fixed (e.g. data-free KD)
 
 
 class EngineConfig(Strict):

@@ -47,6 +47,69 @@ def validate_params(cls: type[BaseModel], params: Mapping[str, Any], where: str,
         raise TopologyError(f"{where}.{sub}" if sub else where, msg) from None
 
 
+def build_stage_kind(topology: Topology, producer):
+    """The registered stage kind of a producing stage, its parameters validated."""
+    from ..stages import STAGE_KINDS
+
+    cls = STAGE_KINDS[producer.kind]
+    params = validate_params(cls.Params, producer.params, producer.origin, f"stage kind '{producer.kind}'",
+                             ["name", "kind", "after"])
+    return cls(params, producer.name)
+
+
+_TRAIN_ONLY = ("train", "epochs", "edges", "task_weight", "data", "freeze_bn")
+
+
+def _check_producing_stages(topology: Topology) -> None:
+    """Stage kinds exist and take their keys; training stages name only earlier produced sets."""
+    from ..stages import STAGE_KINDS
+
+    c = topology.config
+    for i, s in enumerate(c.stages):
+        if s.kind == "train":
+            for key in s.extras():
+                allowed = [k for k in _keys(type(s)) if k != "kind"]
+                close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+                raise TopologyError(f"stages[{i}].{key}" if _SAFE_KEY.match(str(key)) else f"stages[{i}]",
+                                    "unknown key" + (f", did you mean '{close[0]}'?" if close else "")
+                                    + f" (a training stage takes {', '.join(allowed)}; other keys belong to a "
+                                      f"producing stage's 'kind': {', '.join(sorted(STAGE_KINDS)) or 'none'})")
+            continue
+        if s.kind not in STAGE_KINDS:
+            raise TopologyError(f"stages[{i}].kind", suggest(s.kind, ["train", *STAGE_KINDS], "stage kind"))
+        for key in _TRAIN_ONLY:
+            if key in s.model_fields_set:
+                raise TopologyError(f"stages[{i}].{key}", f"a '{s.kind}' stage produces data and trains nothing: "
+                                                          f"'{key}' belongs to the training stage that uses it")
+    stages, producers = topology.stages, topology.producers
+    names = {p.name: p for p in producers}
+    if producers and c.engine.name == "ray":
+        raise TopologyError(f"{producers[0].origin}.kind", f"'{producers[0].kind}' stages run on the local engine only "
+                                                           "(set engine.name: local)")
+    for p in producers:
+        if p.before >= len(stages):
+            raise TopologyError(f"{p.origin}.kind", "no training stage follows it: add one with "
+                                                    f"'data: {p.name}' after it")
+        kind = build_stage_kind(topology, p)
+        for key, peer in kind.reads().items():
+            if topology.kind(peer) != "peer":
+                raise TopologyError(f"{p.origin}.{key}", suggest(peer, c.peers, "peer"))
+        kind.check(topology, p.origin)
+    for idx, s in enumerate(stages):
+        if s.data is not None:
+            if s.data not in names:
+                raise TopologyError(f"{s.origin}.data", suggest(s.data, names, "producing stage")
+                                    if names else f"no stage produces a data set named '{s.data}' "
+                                                  "(a stage with a 'kind' other than train does)")
+            if names[s.data].before > idx:
+                raise TopologyError(f"{s.origin}.data", f"stage '{s.data}' runs after this stage: order it before "
+                                                        f"(YAML order or 'after')")
+        for j, peer in enumerate(s.freeze_bn):
+            if peer not in s.train:
+                raise TopologyError(f"{s.origin}.freeze_bn[{j}]", f"'{peer}' is not trained in this stage "
+                                                                  f"(it trains {', '.join(s.train)})")
+
+
 def _keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
@@ -109,6 +172,8 @@ def check_topology(topology: Topology) -> None:
                 raise TopologyError(f"{s.origin}.train[{i}]", f"peer '{p}' is frozen: remove 'frozen' or the stage entry")
             if p in s.train[:i]:
                 raise TopologyError(f"{s.origin}.train[{i}]", f"peer '{p}' is listed twice")
+
+    _check_producing_stages(topology)
 
     for i, cfg in enumerate(c.edges):
         if cfg.pattern is None and isinstance(cfg.to, list) and not cfg.to:
