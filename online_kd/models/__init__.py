@@ -10,6 +10,7 @@ from torch import nn
 
 # Importing the family modules registers their models.
 from . import mobilenetv2, resnet, shufflenet, small, vgg, wrn  # noqa: F401
+from . import resnet_noskip  # noqa: F401
 from .registry import MODELS, get_factory, register_model
 from .taps import (
     LOGITS,
