@@ -39,7 +39,7 @@ def collect(stream: BatchStream, epoch: int, start_batch: int = 0) -> list[Batch
 
 
 def cat(batches: list[Batch]) -> Batch:
-    return Batch(*(torch.cat(t) for t in zip(*batches)))
+    return Batch(*(torch.cat(t) for t in zip(*(b[:3] for b in batches))))  # x, y, index (pair: None here)
 
 
 def assert_batches_equal(a: list[Batch], b: list[Batch]):

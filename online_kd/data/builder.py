@@ -16,6 +16,7 @@ from .datasets import ImageFolderDataset, IndexedDataset, SyntheticDataset, Tens
 from .errors import DataError
 from .info import (DEFAULT_IMAGE_SIZE, DIGITS_TEST_FRACTION, NORMALIZATION, DatasetInfo, expand_root,
                    imagefolder_classes, imagefolder_dirs)
+from .samplers import build_sampler
 from .stream import BatchStream
 
 _CIFAR_LABEL = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
@@ -37,11 +38,13 @@ class DataBundle:
     seed: int = 0
     batch_size: int = 64
     test_batch_size: int = 64
+    train_sampler: object = None  # data.sampler over the train split (adds batch.pair), None for random
 
     def train_stream(self, num_shards: int = 1, shard: int = 0, drop_last: bool = False) -> BatchStream:
         """Shuffled, augmented global batches of the train split (this shard of each)."""
         return BatchStream(self.train, self.batch_size, self.seed, transform=self.train_transform,
-                           shuffle=True, drop_last=drop_last, num_shards=num_shards, shard=shard)
+                           shuffle=True, drop_last=drop_last, num_shards=num_shards, shard=shard,
+                           sampler=self.train_sampler)
 
     def eval_stream(self, split: str = "test", num_shards: int = 1, shard: int = 0) -> BatchStream:
         """Unshuffled, unaugmented batches of ``test`` or ``holdout``."""
@@ -149,4 +152,6 @@ def build_data(cfg, seed: int) -> DataBundle:
                        0 if holdout is None else len(holdout))
     batch = int(cfg.batch_size)
     test_batch = int(getattr(cfg, "test_batch_size", None) or batch)
-    return DataBundle(info, train, test, holdout, aug, seed=int(seed), batch_size=batch, test_batch_size=test_batch)
+    sampler = build_sampler(getattr(cfg, "sampler", "random") or "random", train.targets, int(seed))
+    return DataBundle(info, train, test, holdout, aug, seed=int(seed), batch_size=batch, test_batch_size=test_batch,
+                      train_sampler=sampler)

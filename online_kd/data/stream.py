@@ -19,11 +19,21 @@ from .hashing import generator_seed
 
 
 class Batch(NamedTuple):
-    """Inputs ``x`` [B, C, H, W] float32, labels ``y`` [B] int64, ``index`` [B] int64: positions in the split."""
+    """Inputs ``x`` [B, C, H, W] float32, labels ``y`` [B] int64, ``index`` [B] int64: positions in the split.
+
+    ``pair``: a sampler's extra samples, row j for sample j (``data.sampler: class_paired``), else None.
+    """
 
     x: Tensor
     y: Tensor
     index: Tensor
+    pair: "Batch | None" = None
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """``x``, ``y`` (and the pair's) on ``device``; ``index`` stays where it is (it addresses the split)."""
+        pair = None if self.pair is None else self.pair.to(device, non_blocking)
+        return self._replace(x=self.x.to(device, non_blocking=non_blocking),
+                             y=self.y.to(device, non_blocking=non_blocking), pair=pair)
 
 
 class BatchStream:
@@ -35,7 +45,7 @@ class BatchStream:
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, transform=None, shuffle: bool = True,
-                 drop_last: bool = False, num_shards: int = 1, shard: int = 0):
+                 drop_last: bool = False, num_shards: int = 1, shard: int = 0, sampler=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_shards < 1 or not 0 <= shard < num_shards:
@@ -48,6 +58,7 @@ class BatchStream:
         self.drop_last = bool(drop_last)
         self.num_shards = int(num_shards)
         self.shard = int(shard)
+        self.sampler = sampler  # adds ``batch.pair`` (online_kd.data.samplers), or None
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -78,7 +89,8 @@ class BatchStream:
             x, y = self.dataset.get(index)
         else:
             x, y = self.transform.load(self.dataset, index, epoch)
-        return Batch(x, y, index)
+        pair = None if self.sampler is None else self.sampler.pair(self.dataset, self.transform, index, epoch)
+        return Batch(x, y, index, pair)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """This shard of every global batch of ``epoch``, from ``start_batch`` on (to resume mid-epoch)."""

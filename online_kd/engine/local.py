@@ -5,7 +5,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,6 +29,9 @@ class RunOptions:
     extra_tags: dict[str, str] = field(default_factory=dict)
     record_steps: bool = False  # write each step's per-peer loss to <out>/steps/ (engine equivalence checks)
     profile: bool = False       # ray engine: time compute, waiting and exchange per step into <out>/profile/
+    parent_run_id: str | None = None  # MLflow run (a sweep or seed group) to nest this run's parent run under
+    extra_params: dict[str, Any] = field(default_factory=dict)  # more MLflow params (a trial's overridden paths)
+    on_epoch: Callable[[int, dict], None] | None = None  # called with (epoch, node metrics) after each epoch (Tune)
 
 
 def seed_everything(seed: int) -> None:
@@ -69,7 +72,8 @@ def produce_before(stage_idx: int, rt: Runtime, data, produced: dict, out_dir: P
             continue
         kind = build_stage_kind(topo, p)
         ctx = ProduceContext(runtime=rt, data=data, topology=topo, out_dir=Path(out_dir), seed=topo.config.train.seed,
-                             produced=produced, progress=reporter.task)
+                             produced=produced, progress=reporter.task,
+                             log=lambda message: reporter.console.print(message, markup=False))
         with torch.random.fork_rng(devices=[]):
             made = kind.run(ctx)
         made.save(path)
@@ -106,7 +110,8 @@ class LocalEngine:
         rt = Runtime(topo, data.info, device, train_targets=data.train.targets)
         rt.set_views(data.train, data.train_transform)
         bs = c.data.batch_size
-        base_train = train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, shuffle=True)
+        base_train = train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, shuffle=True,
+                                         sampler=data.train_sampler)
         test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False)
         holdout = BatchStream(data.holdout, c.data.test_batch_size or bs, c.train.seed, shuffle=False) \
             if data.holdout is not None else None
@@ -132,6 +137,7 @@ class LocalEngine:
                     produce_before(stage_idx, rt, data, produced, self.opt.out_dir, reporter)
                     rt.enter_stage(stage)
                     train = stage_train_stream(stage, data, produced, base_train)
+                    rt.use_recorded(getattr(train.dataset, "answers", None))  # a black box is not asked twice
                     steps_per_epoch = min(len(train), c.train.max_steps_per_epoch or len(train))
                     reporter.steps_per_epoch = steps_per_epoch
                 sums: dict[str, dict[str, torch.Tensor]] = {}

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DivergenceError
+from ..losses.base import Clock
 from ..models import TappedModel
 from ..topology.graph import Stage, Topology
 from ..topology.plan import active_edges, needed_taps, peers_in_use
 from . import checkpoint as ckpt
+from ..data.expand import build_expansion
 from .build import build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual
 
 Outputs = dict[str, dict[str, Tensor]]
@@ -135,6 +137,7 @@ class Runtime:
         self.device = torch.device(device)
         c = topology.config
         self.owned = list(owned) if owned is not None else list(c.peers)
+        self.expansion = build_expansion(c.data.expand)  # data.expand: rows per sample, anchor rows, joint labels
         self.peers: dict[str, Peer] = {p: Peer(p, topology, info, self.device) for p in self.owned}
         self.losses: dict[int, nn.Module] = {}
         for e in topology.edges:
@@ -143,6 +146,7 @@ class Runtime:
                 self.peers[e.target].edges[e.key] = loss
                 self.losses[e.index] = loss
         self._build_edge_modules()
+        self.clock = Clock()  # the one clock every loss reads (EdgeContext.clock); advanced in finish_step
         self._attach_edges(train_targets)
         total = {p: sum(s.epochs for s in topology.stages if p in s.train) for p in self.peers}
         for name, peer in self.peers.items():
@@ -158,6 +162,8 @@ class Runtime:
         self._view_data = None
         self.step_log = None  # an open file: one JSON line per step and trained peer (equivalence tests)
         self.grad_sync: Callable[[list[Peer]], None] | None = None  # replicas average gradients here
+        self.queries: dict[str, int] = {p: 0 for p, peer in self.peers.items() if peer.cfg.blackbox}
+        self.recorded: dict[str, Tensor] = {}  # black-box peer → its answers recorded with the stage's data set
 
     def _build_edge_modules(self) -> None:
         """Let each owned edge loss see its taps' shapes (one dry forward) and create its modules."""
@@ -191,7 +197,9 @@ class Runtime:
             try:
                 loss.attach(EdgeContext(source_model=source, train_targets=train_targets,
                                         num_train=None if train_targets is None else len(train_targets),
-                                        num_classes=self.info.num_classes))
+                                        num_classes=self.info.num_classes, target_model=self.peers[e.target].net,
+                                        clock=self.clock, seed=self.topology.config.train.seed,
+                                        expansion=self.expansion))
             except ValueError as err:
                 raise TopologyError(e.origin, f"{e.source}→{e.target} ({e.loss}): {err}") from None
 
@@ -199,6 +207,8 @@ class Runtime:
     def enter_stage(self, stage: Stage) -> None:
         """Train mode for the stage's peers, eval mode for the rest; hooks for the taps it reads."""
         self.stage = stage
+        self.clock.stage_epochs = stage.epochs
+        self.recorded = {}
         self.active = active_edges(self.topology, stage)
         self.in_use = peers_in_use(self.topology, stage)
         taps = needed_taps(self.topology, stage, {e.index: build_loss(e) for e in self.active})
@@ -253,6 +263,17 @@ class Runtime:
                 xs[name] = batch.x
         return xs
 
+    def model_inputs(self, batch, epoch: int) -> Tensor | dict[str, Tensor]:
+        """What the peers' forward takes: the batch (or each peer's view of it) expanded by ``data.expand``."""
+        if not self.uses_views:
+            return self.expansion(batch.x)
+        xs, expanded = {}, {}  # peers sharing one input share its expansion
+        for name, x in self.inputs(batch, epoch).items():
+            if id(x) not in expanded:
+                expanded[id(x)] = self.expansion(x)
+            xs[name] = expanded[id(x)]
+        return xs
+
     # ------------------------------------------------------------------ step pieces
     def forward(self, x: Tensor | Mapping[str, Tensor], names: Iterable[str]) -> Outputs:
         """Taps of the named owned peers (one input for all, or one per peer); untrained ones without grad."""
@@ -266,11 +287,42 @@ class Runtime:
                 else:
                     with torch.no_grad():
                         outs[name] = peer.tapped(xi)
+                if peer.cfg.blackbox and name not in self.stage.train:  # only its answers leave it, each one counted
+                    outs[name] = {"probs": outs[name]["probs"]}
+                    self.queries[name] += int(xi.shape[0])
         return outs
 
+    # ------------------------------------------------------------------ black-box peers
+    @torch.no_grad()
+    def query(self, name: str, x: Tensor) -> Tensor:
+        """A peer's answer to inputs ``x``: softmax probabilities (T=1) in eval mode, counted for a black box."""
+        net = self.peers[name].net
+        modes = [m.training for m in net.modules()]
+        net.eval()
+        try:
+            with self.autocast():
+                probs = torch.softmax(net(x.to(self.device)).float(), dim=-1)
+        finally:
+            for m, flag in zip(net.modules(), modes):
+                m.training = flag
+        if name in self.queries:
+            self.queries[name] += int(x.shape[0])
+        return probs
+
+    def use_recorded(self, answers: Mapping[str, Tensor] | None) -> None:
+        """Answers recorded with this stage's data set (``ProducedSet.answers``, by sample index): a black-box
+        peer that has them answers from the record instead of being queried again."""
+        self.recorded = {p: a.to(self.device) for p, a in (answers or {}).items()
+                         if p in self.peers and self.peers[p].cfg.blackbox}
+
+    def recorded_outputs(self, index: Tensor) -> Outputs:
+        """The recorded black-box answers of these samples of the stage's data set, as their ``probs`` tap."""
+        return {p: {"probs": a[index.to(a.device)]} for p, a in self.recorded.items() if p in self.in_use}
+
     def derived(self, outs: Outputs, y: Tensor) -> Outputs:
-        """Ensemble and virtual-teacher outputs from (detached) peer logits and labels."""
+        """Ensemble and virtual-teacher outputs from (detached) peer logits and labels (one per expanded row)."""
         derived: Outputs = {}
+        y = self.expansion.row_labels(y)
         with torch.no_grad():
             for name, comb in self.combiners.items():
                 members = [outs[m]["logits"].detach().float() for m in self.topology.config.ensembles[name].members
@@ -309,12 +361,12 @@ class Runtime:
                 return total, terms
             if task_scale == 0:  # e.g. a hint stage: no CE graph, so the classifier gets no gradient at all
                 with torch.no_grad():
-                    task = F.cross_entropy(target["logits"].float(), batch.y)
+                    task = F.cross_entropy(self.expansion.anchor(target["logits"]).float(), batch.y)
                 terms["task"] = task
                 total = total if total is not None else target["logits"].sum() * 0.0
                 terms["loss"] = total.detach()
                 return total, terms
-            task = F.cross_entropy(target["logits"].float(), batch.y)
+            task = F.cross_entropy(self.expansion.anchor(target["logits"]).float(), batch.y)  # untransformed rows
         terms["task"] = task.detach()
         total = task_scale * task if total is None else total + task_scale * task
         terms["loss"] = total.detach()
@@ -367,10 +419,13 @@ class Runtime:
         """The whole synchronous step when this process holds every peer it needs."""
         x, y = batch.x.to(self.device, non_blocking=True), batch.y.to(self.device, non_blocking=True)
         batch = batch._replace(x=x, y=y)
-        xs = self.inputs(batch, epoch) if self.uses_views else x
+        if batch.pair is not None:  # a sampler's extra samples (data.sampler) travel with the batch
+            batch = batch._replace(pair=batch.pair.to(self.device, non_blocking=True))
+        xs = self.model_inputs(batch, epoch)
         result = None
         for phase in self.phases:  # a later phase sees the weights the earlier one just updated
-            outs = self.forward(xs, [p for p in self.peers if p in self.in_use])
+            outs = self.forward(xs, [p for p in self.peers if p in self.in_use and p not in self.recorded])
+            outs.update(self.recorded_outputs(batch.index))
             outs.update(self.derived(outs, y))
             result = self.finish_step(outs, batch, epoch, epoch_in_stage, phase=phase, result=result)
         return result
@@ -381,6 +436,7 @@ class Runtime:
 
         The global step advances after the last phase."""
         result = result or StepResult(count=int(batch.y.shape[0]))
+        self.clock.epoch, self.clock.epoch_in_stage, self.clock.step = epoch, epoch_in_stage, self.global_step
         totals = {}
         terms_now = {}
         for name in self.stage.train:
@@ -389,7 +445,7 @@ class Runtime:
             totals[name], terms_now[name] = self.peer_losses(name, outs, batch, epoch_in_stage, phase)
             result.terms.setdefault(name, {}).update(terms_now[name])
             if phase == 0:
-                result.correct[name] = (outs[name]["logits"].detach().argmax(1) == batch.y).sum()
+                result.correct[name] = (self.expansion.anchor(outs[name]["logits"]).detach().argmax(1) == batch.y).sum()
         if totals and phase != 0:
             self.check_finite(totals, terms_now, epoch)
             self.update(totals, phase)

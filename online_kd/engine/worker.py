@@ -86,7 +86,8 @@ def train_worker(config: dict) -> None:
     rt = Runtime(topo, data.info, device, owned=me.peers, train_targets=data.train.targets)
     rt.set_views(data.train, data.train_transform)
     bs = c.data.batch_size
-    train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, num_shards=replicas, shard=me.replica)
+    train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, num_shards=replicas, shard=me.replica,
+                        sampler=data.train_sampler)
     test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False)
     holdout = BatchStream(data.holdout, c.data.test_batch_size or bs, c.train.seed, shuffle=False) \
         if data.holdout is not None else None
@@ -140,8 +141,10 @@ def train_worker(config: dict) -> None:
                 break
             x, y = batch.x.to(device), batch.y.to(device)
             batch = batch._replace(x=x, y=y)
+            if batch.pair is not None:  # a sampler's extra samples (data.sampler) travel with the batch
+                batch = batch._replace(pair=batch.pair.to(device))
             shard["size"] = len(y)
-            xs = rt.inputs(batch, epoch) if rt.uses_views else x
+            xs = rt.model_inputs(batch, epoch)  # this shard, expanded by data.expand as in the local engine
             res = None
             for phase in rt.phases:  # AFD-style losses update again after the main step
                 t0 = time.perf_counter()
@@ -150,7 +153,7 @@ def train_worker(config: dict) -> None:
                 if profile:
                     dist.barrier(group=exchange.group)
                 t2 = time.perf_counter()
-                outs.update(exchange(outs, len(y)))
+                outs.update(exchange(outs, rt.expansion.rows(len(y))))
                 t3 = time.perf_counter()
                 outs.update(rt.derived(outs, y))
                 res = rt.finish_step(outs, batch, epoch, in_stage, phase=phase, result=res)

@@ -1,11 +1,11 @@
 """The edge contract: what a loss needs, the trainable parts it owns, and its value."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 
@@ -24,6 +24,40 @@ class Needs:
 
 
 @dataclass
+class Clock:
+    """Where training stands, for losses whose value changes with it (e.g. BSS's decaying weights).
+
+    The runtime owns one clock and hands the same object to every loss (``EdgeContext.clock``): it
+    sets ``stage_epochs`` when a stage starts and the rest before each step's losses, in both engines.
+    Epochs are 0-indexed.
+    """
+
+    epoch: int = 0           # global epoch
+    epoch_in_stage: int = 0  # epoch within the current stage
+    stage_epochs: int = 1    # the current stage's length
+    step: int = 0            # global step
+
+
+class Ramp(BaseModel):
+    """A loss term's weight going linearly from ``start`` to ``end`` over the first ``over`` fraction of
+    the stage, then staying at ``end``: w = start + (end − start)·min(e / (over·E), 1), with e the epoch
+    in the stage (plus ``epoch_base``: 1 counts epochs from 1, as scripts that loop ``range(1, E+1)``)
+    and E the stage's epochs. Usable by any loss that holds the run's :class:`Clock`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: float
+    end: float = 0.0
+    over: float = Field(1.0, gt=0)
+
+    def at(self, clock: "Clock", epoch_base: int = 0) -> float:
+        span = self.over * max(clock.stage_epochs, 1)
+        t = min(max((clock.epoch_in_stage + epoch_base) / span, 0.0), 1.0)
+        return self.start + (self.end - self.start) * t
+
+
+@dataclass
 class EdgeContext:
     """What a loss may need beyond its taps, handed over once before training."""
 
@@ -31,6 +65,10 @@ class EdgeContext:
     train_targets: Tensor | None    # labels of the training split, by sample index (e.g. CRD's negatives)
     num_train: int | None
     num_classes: int
+    target_model: nn.Module | None = None  # the target peer's network (always in this process)
+    clock: Clock = field(default_factory=Clock)  # the run's live clock (see Clock)
+    seed: int = 0                   # train.seed: for a loss's own draws, hashed with the clock and sample indices
+    expansion: Any = None           # data.expand (online_kd.data.expand): joint labels, anchor rows; None: identity
 
 
 class EdgeLoss(nn.Module):
@@ -44,6 +82,8 @@ class EdgeLoss(nn.Module):
     Params: ClassVar[type[BaseModel]] = Params
     allows_self: ClassVar[bool] = False
     needs_source_model: ClassVar[bool] = False  # reads the source network itself (e.g. its BN statistics)
+    batch_fields: ClassVar[frozenset[str]] = frozenset()  # extra Batch fields it reads ('pair': data.sampler)
+    needs_expansion: ClassVar[bool] = False  # reads expanded views' joint labels (a data.expand other than none)
     phase: ClassVar[int] = 0  # 0: the main update with CE; 1: a separate update after it (AFD's adversarial step)
     source_kinds: ClassVar[frozenset[str]] = frozenset({"peer", "ensemble", "virtual"})
 

@@ -124,6 +124,12 @@ def resnet20(in_channels: int = 3, num_classes: int = 100, **kw) -> CifarResNet:
     return CifarResNet(20, _W, in_channels, num_classes, **kw)
 
 
+@register_model("resnet26")
+def resnet26(in_channels: int = 3, num_classes: int = 100, **kw) -> CifarResNet:
+    """ResNet-26 (n=4): the BSS paper's CIFAR-10 teacher (its code pads shortcuts with zeros; here 1x1 convs)."""
+    return CifarResNet(26, _W, in_channels, num_classes, **kw)
+
+
 @register_model("resnet32")
 def resnet32(in_channels: int = 3, num_classes: int = 100, **kw) -> CifarResNet:
     """ResNet-32 (n=5)."""

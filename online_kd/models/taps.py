@@ -12,6 +12,7 @@ Tap names every zoo model exposes:
 * ``stageK_pre``      the same point before the stage's final ReLU (RepDistiller ``preact``);
 * ``pool``            flattened penultimate features ``[B, D]`` = input of the final Linear;
 * ``logits``          the model output (always returned by :class:`TappedModel`);
+* ``probs``           its softmax (T=1, float32): all a black-box peer lets out (``peers.X.blackbox``);
 * ``module:<path>``   the output of any submodule (``model.get_submodule(path)``), any model.
 
 Models without ``tap_points()`` (torchvision, user models) get generic taps:
@@ -20,6 +21,9 @@ Models without ``tap_points()`` (torchvision, user models) get generic taps:
 A model may also declare ``pre_relu_bns() -> dict[str, str]``: for a pre-ReLU tap, the
 path of the BatchNorm whose affine output it is (OFD reads the margin from its γ, β);
 :func:`bn_before` looks it up.
+
+A model may declare ``set_active_taps(names)``: :class:`TappedModel` tells it which taps are
+requested, so it can skip work only a tap reads (HSAKD's auxiliary heads, ``aux1..auxK``/``aux``).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 LOGITS = "logits"
+PROBS = "probs"
 MODULE_PREFIX = "module:"
 
 
@@ -88,14 +93,14 @@ def tap_points(model: nn.Module) -> dict[str, TapPoint]:
 
 
 def available_taps(model: nn.Module) -> list[str]:
-    """Names of the named taps of ``model`` (``logits`` included, generic ``module:`` taps not)."""
-    return [*tap_points(model), LOGITS]
+    """Names of the named taps of ``model`` (``logits`` and ``probs`` included, generic ``module:`` taps not)."""
+    return [*tap_points(model), LOGITS, PROBS]
 
 
 def resolve_tap(model: nn.Module, name: str, points: dict[str, TapPoint] | None = None) -> TapPoint | None:
-    """The TapPoint for tap ``name`` (None for ``logits``); ValueError naming the available taps if unknown."""
+    """The TapPoint for tap ``name`` (None for ``logits``/``probs``); ValueError naming the available taps if unknown."""
     model = _unwrap(model)
-    if name == LOGITS:
+    if name in (LOGITS, PROBS):
         return None
     if points is None:
         points = tap_points(model)
@@ -104,12 +109,12 @@ def resolve_tap(model: nn.Module, name: str, points: dict[str, TapPoint] | None 
     elif name.startswith(MODULE_PREFIX) and name != MODULE_PREFIX:
         point = TapPoint(name[len(MODULE_PREFIX):], "output")
     else:
-        avail = ", ".join([*points, LOGITS, "module:<path>"])
+        avail = ", ".join([*points, LOGITS, "module:<path>", PROBS])
         raise ValueError(f"no tap '{name}' (taps: {avail})")
     try:
         model.get_submodule(point.module)
     except AttributeError:
-        avail = ", ".join([*points, LOGITS, "module:<path>"])
+        avail = ", ".join([*points, LOGITS, "module:<path>", PROBS])
         raise ValueError(
             f"no tap '{name}' (no submodule '{point.module}' in {type(model).__name__}; taps: {avail})"
         ) from None
@@ -175,6 +180,13 @@ def _logits_of(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in model output of type {type(out).__name__}")
 
 
+def _announce(model: nn.Module, taps: tuple[str, ...]) -> None:
+    """Tell a model that declares ``set_active_taps`` which taps are requested now."""
+    declared = getattr(model, "set_active_taps", None)
+    if callable(declared):
+        declared(taps)
+
+
 class TappedModel(nn.Module):
     """Wraps a model; ``forward(x)`` returns ``{tap: tensor}`` with ``logits`` plus the requested taps.
 
@@ -211,7 +223,7 @@ class TappedModel(nn.Module):
         resolved = {name: resolve_tap(self.model, name, points) for name in requested}
         self.remove_hooks()
         for name, point in resolved.items():
-            if point is None:  # logits: the forward's return value
+            if point is None:  # logits (the forward's return value) or probs (its softmax)
                 continue
             module = self.model.get_submodule(point.module)
             if point.where == "input":
@@ -220,6 +232,7 @@ class TappedModel(nn.Module):
                 handle = module.register_forward_hook(_CaptureOutput(self._captured, name, point.flatten))
             self._handles.append(handle)
         self._taps = requested
+        _announce(self.model, requested)
         return self
 
     def remove_hooks(self) -> None:
@@ -228,6 +241,7 @@ class TappedModel(nn.Module):
             handle.remove()
         self._handles = []
         self._taps = ()
+        _announce(self.model, ())
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         captured = self._captured
@@ -236,6 +250,9 @@ class TappedModel(nn.Module):
             result = {LOGITS: _logits_of(self.model(x, *args, **kwargs))}
             for name in self._taps:
                 if name == LOGITS:
+                    continue
+                if name == PROBS:
+                    result[PROBS] = torch.softmax(result[LOGITS].float(), dim=-1)
                     continue
                 try:
                     result[name] = captured[name]

@@ -35,6 +35,8 @@ class ProducedSet:
     ``answers`` holds, per peer, answers recorded while producing (e.g. a black-box
     teacher's probabilities ``[N, C]``), so training on the set does not query it again.
     ``augment`` says whether training applies the topology's augmentation to it.
+    ``provenance`` keeps tensors on how the set was made (e.g. which pool images each mix is made
+    of), so a later stage can extend it; the JSON ``recipe`` stays small.
     """
 
     x: Tensor                      # [N, C, H, W] float32, already normalised
@@ -42,6 +44,7 @@ class ProducedSet:
     recipe: dict[str, Any]
     answers: dict[str, Tensor] = field(default_factory=dict)
     augment: bool = False
+    provenance: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -57,13 +60,14 @@ class ProducedSet:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"x": self.x, "y": self.y, "answers": self.answers, "augment": self.augment,
-                    "recipe": json.dumps(self.recipe, sort_keys=True)}, tmp)
+                    "recipe": json.dumps(self.recipe, sort_keys=True), "provenance": self.provenance}, tmp)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> "ProducedSet":
         d = torch.load(path, weights_only=True)
-        return cls(d["x"], d["y"], json.loads(d["recipe"]), dict(d["answers"]), bool(d["augment"]))
+        return cls(d["x"], d["y"], json.loads(d["recipe"]), dict(d["answers"]), bool(d["augment"]),
+                   dict(d.get("provenance", {})))
 
 
 @dataclass
@@ -77,6 +81,7 @@ class ProduceContext:
     seed: int
     produced: Mapping[str, ProducedSet]
     progress: Callable[[str, int], Any]  # progress(description, total) -> context manager with .advance(n=1)
+    log: Callable[[str], None] = lambda message: None  # one line for the run's console (e.g. a cache hit)
 
 
 class StageKind:
@@ -84,6 +89,8 @@ class StageKind:
 
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = StageParams
+    # parameters that may name a black-box peer: the kind only asks it for probabilities (runtime.query)
+    blackbox_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: BaseModel, stage_name: str):
         self.params, self.stage_name = params, stage_name

@@ -45,6 +45,10 @@ class DataConfig(Strict):
     holdout: float = Field(0.0, ge=0.0, lt=1.0)
     synthetic: SyntheticSpec = SyntheticSpec()
     image_size: int | None = Field(None, ge=8)
+    # extra samples per batch (online_kd.data.samplers): class_paired gives each sample a same-class partner (CS-KD)
+    sampler: Literal["random", "class_paired"] = "random"
+    # each training sample becomes several rows before the forward (online_kd.data.expand): rotation4 (HSAKD)
+    expand: str = "none"
 
 
 class TrainConfig(Strict):
@@ -94,6 +98,8 @@ class PeerConfig(Strict):
     deepspeed: DeepSpeedSpec | None = None
     view: int = Field(0, ge=0)  # augmentation view: peers with different views see differently augmented copies
     task_weight: float = Field(1.0, ge=0)
+    # only its probabilities leave it: edges from it read only its 'probs' tap, nothing reads its network
+    blackbox: bool = False
 
 
 class EnsembleConfig(Open):

@@ -72,8 +72,8 @@ def _check_producing_stages(topology: Topology) -> None:
                 close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
                 raise TopologyError(f"stages[{i}].{key}" if _SAFE_KEY.match(str(key)) else f"stages[{i}]",
                                     "unknown key" + (f", did you mean '{close[0]}'?" if close else "")
-                                    + f" (a training stage takes {', '.join(allowed)}; other keys belong to a "
-                                      f"producing stage's 'kind': {', '.join(sorted(STAGE_KINDS)) or 'none'})")
+                                    + f" (allowed: {', '.join(allowed)}; other keys belong to a producing stage's "
+                                      f"'kind': {', '.join(sorted(STAGE_KINDS)) or 'none'})")
             continue
         if s.kind not in STAGE_KINDS:
             raise TopologyError(f"stages[{i}].kind", suggest(s.kind, ["train", *STAGE_KINDS], "stage kind"))
@@ -110,6 +110,111 @@ def _check_producing_stages(topology: Topology) -> None:
                                                                   f"(it trains {', '.join(s.train)})")
 
 
+def _probs_losses() -> list[str]:
+    """Registered losses that read only the source's ``probs`` (with their default parameters)."""
+    from ..losses import LOSSES
+
+    names = []
+    for name, cls in sorted(LOSSES.items()):
+        try:
+            loss = cls(cls.Params())
+        except Exception:  # a loss whose parameters have no defaults; it names its taps in them
+            continue
+        if set(loss.needs().source) == {"probs"} and not cls.needs_source_model:
+            names.append(name)
+    return names
+
+
+def _check_blackbox(topology: Topology) -> None:
+    """Only a black-box peer's probabilities leave it: edges from it read ``probs`` only, no ensemble
+    combines its logits, no stage kind reads its network, and it trains only before it first answers."""
+    from ..losses import LOSSES
+    from ..stages import STAGE_KINDS
+
+    c = topology.config
+    boxes = [n for n, p in c.peers.items() if p.blackbox]
+    if not boxes:
+        return
+
+    def what(peer: str) -> str:
+        return f"'{peer}' is a black box (peers.{peer}.blackbox)"
+
+    for name, ens in c.ensembles.items():
+        for i, m in enumerate(ens.members):
+            if m in boxes:
+                raise TopologyError(f"ensembles.{name}.members[{i}]", f"{what(m)}: only its probabilities leave it, "
+                                                                      "but an ensemble combines its members' logits")
+    first_use: dict[str, tuple[int, str]] = {}  # black box → (training stage index, name of what reads it first)
+    for p in topology.producers:
+        kind = build_stage_kind(topology, p)
+        for key, peer in kind.reads().items():
+            if peer not in boxes:
+                continue
+            if key not in kind.blackbox_params:
+                allowed = sorted(k for k, cls in STAGE_KINDS.items() if cls.blackbox_params)
+                raise TopologyError(f"{p.origin}.{key}", f"{what(peer)}: stage kind '{p.kind}' reads more than its "
+                                                         f"probabilities (stage kinds that only query a black box: "
+                                                         f"{', '.join(allowed) or 'none'})")
+            first_use[peer] = min(first_use.get(peer, (p.before, p.name)), (p.before, p.name))
+    for e in topology.edges:
+        if e.source not in boxes:
+            continue
+        loss = LOSSES[e.loss](LOSSES[e.loss].Params.model_validate(e.params))
+        reads = sorted(set(loss.needs().source) - {"probs"})
+        if reads or loss.needs_source_model:
+            read = ", ".join(f"'{t}'" for t in reads) or "the network itself"
+            raise TopologyError(f"{e.origin}.loss", f"{what(e.source)}: only 'probs' may cross its edges, but loss "
+                                                    f"'{e.loss}' reads {read} (losses that read only probs: "
+                                                    f"{', '.join(_probs_losses()) or 'none'})")
+        for k, s in enumerate(topology.stages):
+            if e.target in s.train and (s.edges is None or e.name in s.edges):
+                first_use[e.source] = min(first_use.get(e.source, (k, s.name)), (k, s.name))
+                break
+    for peer, (start, user) in first_use.items():
+        for s in topology.stages[start:]:
+            if peer in s.train and not c.stages:  # the implicit stage trains every unfrozen peer
+                raise TopologyError(f"peers.{peer}", f"{what(peer)}, so it only answers: freeze it (frozen: true "
+                                                     "with an init checkpoint) or train it in a stage of its own first")
+            if peer in s.train:
+                raise TopologyError(f"{s.origin}.train[{s.train.index(peer)}]",
+                                    f"{what(peer)} and answers as one from stage '{user}' on: it can be trained "
+                                    "only in stages before that")
+
+
+def _check_batch_fields(topology: Topology, e, loss, active: list[int]) -> None:
+    """The batch fields a loss reads (``EdgeLoss.batch_fields``) come from ``data.sampler``, in every stage
+    the edge is active in (a stage training on a produced set has none)."""
+    from ..data.samplers import provided_fields, sampler_for
+
+    sampler = topology.config.data.sampler
+    for field in sorted(loss.batch_fields - provided_fields(sampler)):
+        need = sampler_for(field)
+        raise TopologyError(f"{e.origin}.loss", f"loss '{e.loss}' ({e.source}→{e.target}) reads batch.{field}, which "
+                                                f"data.sampler '{sampler}' does not give: set data.sampler: {need}")
+    for i in active:
+        s = topology.stages[i]
+        if loss.batch_fields and s.data is not None:
+            raise TopologyError(f"{s.origin}.data", f"loss '{e.loss}' ({e.source}→{e.target}) reads batch."
+                                                    f"{', batch.'.join(sorted(loss.batch_fields))} from data.sampler, "
+                                                    f"which the produced set '{s.data}' does not give")
+
+
+def _check_source_models_colocated(topology: Topology, colocated: dict[str, int]) -> None:
+    """On the ray engine, an edge whose loss reads the source network itself (``needs_source_model``)
+    needs its source and target in one worker."""
+    from ..losses import LOSSES
+
+    if topology.config.engine.name != "ray":
+        return
+    for e in topology.edges:
+        if not LOSSES[e.loss].needs_source_model or e.source == e.target or topology.kind(e.source) != "peer":
+            continue
+        if e.source not in colocated or colocated[e.source] != colocated.get(e.target):
+            raise TopologyError(f"{e.origin}.loss", f"loss '{e.loss}' reads the network of '{e.source}' itself: on the "
+                                                    f"ray engine put '{e.source}' and '{e.target}' in one worker "
+                                                    f"(engine.colocate: [[{e.source}, {e.target}]])")
+
+
 def _keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
@@ -127,6 +232,11 @@ def check_topology(topology: Topology) -> None:
                 raise TopologyError(f"{section}.{name}", f"the name is already used in {seen[name]}")
             seen[name] = section
     nodes_hint = _nodes_hint(topology)
+
+    from ..data.expand import EXPANSIONS
+
+    if c.data.expand not in EXPANSIONS:
+        raise TopologyError("data.expand", suggest(c.data.expand, EXPANSIONS, "expansion"))
 
     if c.train.device != "auto":
         try:
@@ -206,6 +316,10 @@ def check_topology(topology: Topology) -> None:
             raise TopologyError(f"{e.origin}.loss", suggest(e.loss, LOSSES, "loss"))
         loss = LOSSES[e.loss]
         validate_params(loss.Params, e.params, e.origin, f"loss '{e.loss}'", _keys(EdgeConfig))
+        if loss.needs_expansion and c.data.expand == "none":
+            views = ", ".join(sorted(set(EXPANSIONS) - {"none"}))
+            raise TopologyError(f"{e.origin}.loss", f"loss '{e.loss}' reads expanded views (joint labels): set "
+                                                    f"data.expand ({views})")
         if e.source == e.target and not loss.allows_self:
             raise TopologyError(at("to"), f"loss '{e.loss}' does not allow a self-edge" + (how or f" ({e.source}→{e.target})"))
         if topology.kind(e.source) not in loss.source_kinds:
@@ -226,6 +340,7 @@ def check_topology(topology: Topology) -> None:
                                 f"the edge into '{e.target}' is active in no stage: the stages that train it "
                                 f"({lists}) list other 'edges'{how}")
         target_stage = active[0]
+        _check_batch_fields(topology, e, loss, active)
         for src in sorted(topology.peer_sources(e.source)):
             src_stage = topology.trained_stage(src)
             if c.peers[src].init:
@@ -238,6 +353,8 @@ def check_topology(topology: Topology) -> None:
                                                 f"this edge teaches '{e.target}' (stage '{stages[target_stage].name}'): "
                                                 f"it would teach untrained{how}")
 
+    _check_blackbox(topology)
+
     colocated: dict[str, int] = {}
     for i, group in enumerate(c.engine.colocate):
         for j, p in enumerate(group):
@@ -246,6 +363,7 @@ def check_topology(topology: Topology) -> None:
             if p in colocated:
                 raise TopologyError(f"engine.colocate[{i}][{j}]", f"peer '{p}' is already in colocate[{colocated[p]}]")
             colocated[p] = i
+    _check_source_models_colocated(topology, colocated)
 
 
 def _nodes_hint(topology: Topology) -> str:
