@@ -66,6 +66,16 @@ def assert_same_weights(out_a, out_b, peers, tol=1e-5):
                 assert torch.equal(a[k], b[k]), (p, k)
 
 
+def test_ray_engine_expands_rotations_and_exchanges_aux_taps_as_local(tmp_path):
+    """HSAKD online: 4B rotated rows per shard and stacked aux heads travel between workers."""
+    topo = quick("hsakd_online", **{"train.epochs": 1, "train.max_steps_per_epoch": 3})
+    run(LocalEngine, topo, tmp_path / "local")
+    run(RayEngine, topo, tmp_path / "ray")
+    a, b = step_losses(tmp_path / "local"), step_losses(tmp_path / "ray")
+    assert a.keys() == b.keys() and len(a) == 3 * 2
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["dml", "kdcl", "afd"])  # logits all_gather/p2p, ensemble, feature maps + 2nd update
 def test_ray_engine_matches_local_step_by_step(tmp_path, name):
     topo = quick(name, **{"train.epochs": 2})

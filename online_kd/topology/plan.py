@@ -73,9 +73,19 @@ def _param_naming(edge: Edge, tap: str) -> str | None:
     return None
 
 
+def _aux_hint(model: str, tap: str) -> str:
+    """For an ``aux``/``auxK`` tap read from a model without auxiliary heads: the model that has them."""
+    from ..models import is_known_model
+
+    if (tap == "aux" or (tap.startswith("aux") and tap[3:].isdigit())) and is_known_model(f"{model}_aux"):
+        return f" (auxiliary heads: model '{model}_aux')"
+    return ""
+
+
 def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) -> ExchangePlan:
     """Dry-run every model and loss on a 2-sample batch; TopologyError on missing taps or shape mismatches."""
     from ..data import dataset_info
+    from ..data.expand import build_expansion
     from ..engine.build import build_loss, build_model_for
     from ..models import TappedModel, resolve_tap
 
@@ -86,6 +96,11 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
         except OSError as err:
             raise TopologyError("data.root", f"cannot read the data set's folders ({err})") from None
     dtype_bytes = dtype_bytes or (2 if c.train.precision in ("bf16", "fp16") else 4)
+    expansion = build_expansion(c.data.expand)
+    try:
+        expansion.check(info.in_channels, info.image_size)
+    except ValueError as err:
+        raise TopologyError("data.expand", f"'{c.data.expand}' does not fit {info.name}: {err}") from None
     losses = {}
     for e in topology.edges:
         try:
@@ -126,7 +141,7 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
                         param = _param_naming(e, tap)
                         raise TopologyError(f"{e.origin}.{param}" if param else e.origin,
                                             f"peer '{p}' ({c.peers[p].model}) has {err} — loss '{e.loss}' on "
-                                            f"{e.source}→{e.target} reads it") from None
+                                            f"{e.source}→{e.target} reads it{_aux_hint(c.peers[p].model, tap)}") from None
 
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     x = torch.zeros(2, info.in_channels, *info.image_size)
@@ -174,5 +189,5 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
                     seen.add(key)
                     shape = shapes[src][tap]
                     transfers.append(Transfer(stage.name, src, tap, e.target, shape,
-                                              math.prod(shape) * c.data.batch_size * dtype_bytes))
+                                              math.prod(shape) * expansion.rows(c.data.batch_size) * dtype_bytes))
     return ExchangePlan(stage_taps=stage_taps, shapes=shapes, transfers=transfers, batch_size=c.data.batch_size)
