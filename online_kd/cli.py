@@ -1,4 +1,4 @@
-"""`online-kd validate | plan | run | plot`: the command line over topologies."""
+"""`online-kd validate | plan | run | plot | tune | compare`: the command line over topologies."""
 from __future__ import annotations
 
 import argparse
@@ -124,19 +124,161 @@ def _default_out(topo, resume: bool) -> Path:
     return base / f"{topo.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _overrides_tag(args, **more) -> dict[str, str]:
+    """The --set overrides (and ``more``) as the run's online_kd.overrides tag, for `compare`."""
+    from .topology.load import parse_override
+    from .tracking import TAG_OVERRIDES
+
+    overrides = dict(parse_override(s) for s in getattr(args, "set", None) or [])
+    if getattr(args, "engine", None):
+        overrides["engine.name"] = args.engine
+    overrides.update(more)
+    return {TAG_OVERRIDES: json.dumps(overrides, sort_keys=True, default=str)} if overrides else {}
+
+
 def cmd_run(args) -> int:
     from .engine import get_engine
     from .engine.local import RunOptions
 
+    if args.seeds is not None:
+        return run_seeds(args)
     topo = _load(args)
     out = Path(args.out) if args.out else _default_out(topo, args.resume)
     if not args.resume and (out / "checkpoints" / "latest").is_file():
         raise TopologyError("--out", f"{out} already holds a run: continue it with --resume, or choose another --out")
     opts = RunOptions(out_dir=out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
-                      tracking_uri=args.tracking_uri, tracking=not args.no_tracking, quiet=args.quiet)
+                      tracking_uri=args.tracking_uri, tracking=not args.no_tracking, quiet=args.quiet,
+                      extra_tags=_overrides_tag(args))
     summary = get_engine(topo.config.engine.name)(topo, opts).run()
     if args.json:
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_seeds(args) -> int:
+    """`run --seeds 0,1,2`: one run per seed in <out>/seed-<s>, grouped under one MLflow run; mean ± std."""
+    from .compare import aggregate_seeds
+    from .engine import get_engine
+    from .engine.local import RunOptions
+    from .topology.load import parse_override
+    from .tracking import RunTracker, default_tracking_uri
+    from .tune import SEED_PATH, parse_seeds
+
+    seeds = parse_seeds(args.seeds)
+    if any(parse_override(s)[0] == SEED_PATH for s in args.set):
+        raise TopologyError("--seeds", f"also given --set {SEED_PATH}=…; drop one of the two")
+    if args.resume and not args.out:
+        raise TopologyError("--resume", "with --seeds, name the run directory with --out")
+    topo = _load(args)
+    c = topo.config
+    out = Path(args.out) if args.out else _default_out(topo, False)
+    state_file = out / "seeds.json"
+    if not args.resume and state_file.is_file():
+        raise TopologyError("--out", f"{out} already holds a seed group: continue it with --resume, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    group = None
+    if not args.no_tracking and c.tracking.enabled:
+        if args.resume and state_file.is_file() and json.loads(state_file.read_text()).get("tracker"):
+            group = RunTracker.resume(json.loads(state_file.read_text())["tracker"])
+        else:
+            uri = args.tracking_uri or c.tracking.uri or default_tracking_uri()
+            group = RunTracker.open_group(
+                uri, c.tracking.experiment or c.name, f"{c.name} seeds {','.join(map(str, seeds))}", kind="seeds",
+                params={"topology": c.name, "seeds": ",".join(map(str, seeds)),
+                        **{k: v for k, v in map(parse_override, args.set)}},
+                tags={"online_kd.topology": c.name, "online_kd.out": str(out.resolve())})
+    state_file.write_text(json.dumps({"seeds": seeds, "tracker": group.state() if group else None}))
+    summaries: dict[int, dict] = {}
+    try:
+        for seed in seeds:
+            seed_out = out / f"seed-{seed}"
+            done = seed_out / "summary.json"
+            if args.resume and done.is_file() and json.loads(done.read_text()).get("finished"):
+                summaries[seed] = json.loads(done.read_text())
+                continue
+            resume = args.resume and (seed_out / "checkpoints" / "latest").is_file()
+            if not resume and (seed_out / "checkpoints" / "latest").is_file():
+                raise TopologyError("--out", f"{seed_out} already holds a run: continue it with --resume")
+            extra = [f"{SEED_PATH}={seed}"] + ([] if c.tracking.run_name else [f"tracking.run_name={c.name}-seed{seed}"])
+            seed_topo = _load(argparse.Namespace(topology=args.topology, set=[*args.set, *extra], engine=args.engine))
+            opts = RunOptions(out_dir=seed_out, resume=resume, stop_after_epochs=args.stop_after_epochs,
+                              tracking_uri=group.uri if group else args.tracking_uri, tracking=group is not None,
+                              quiet=args.quiet, parent_run_id=group.parent_run_id if group else None,
+                              extra_tags={"online_kd.seed": str(seed), **_overrides_tag(args, **{SEED_PATH: seed})})
+            summaries[seed] = get_engine(seed_topo.config.engine.name)(seed_topo, opts).run()
+    except BaseException as err:
+        if group is not None and not isinstance(err, KeyboardInterrupt):
+            group.finish("FAILED")
+        raise
+    finished = all(s.get("finished") for s in summaries.values())
+    agg = {"name": c.name, "out": str(out), "seeds": seeds, "finished": finished, **aggregate_seeds(summaries),
+           "runs": {str(s): summaries[s] for s in seeds}}
+    (out / "summary.json").write_text(json.dumps(agg, indent=2))
+    _print_seeds(agg)
+    if group is not None and finished:
+        group.log_summary({RunTracker.PARENT: {f"{n}.{k}_{stat}": e[k][stat] for sec in ("peers", "ensembles")
+                                               for n, e in agg[sec].items() for k in ("top1_last", "top1_best")
+                                               for stat in ("mean", "std")}})
+        group.log_artifact(out / "summary.json")
+        group.finish("FINISHED")
+    if args.json:
+        print(json.dumps(agg, indent=2))
+    return 0
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console for tables: the terminal's width, or a wide one when the output goes to a file or pipe."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 200)
+
+
+def _print_seeds(agg: dict) -> None:
+    con = _console(stderr=True)
+    t = Table(title=f"{agg['name']}: {len(agg['seeds'])} seeds ({', '.join(map(str, agg['seeds']))}), mean ± std"
+                    + ("" if agg["finished"] else " — not finished"))
+    for col in ("node", "model", "role", "last top-1", "best top-1", "per seed (last / best)"):
+        t.add_column(col, justify="right" if "top-1" in col else "left")
+    for sec in ("peers", "ensembles"):
+        for n, e in agg[sec].items():
+            per = ", ".join(f"{e['top1_last']['values'][s]:.1f}/{e['top1_best']['values'][s]:.1f}"
+                            for s in e["top1_last"]["values"])
+            t.add_row(n, e.get("model", ""), e.get("role", ""),
+                      f"{e['top1_last']['mean']:.2f} ± {e['top1_last']['std']:.2f}",
+                      f"{e['top1_best']['mean']:.2f} ± {e['top1_best']['std']:.2f}", per)
+    con.print(t)
+
+
+def cmd_tune(args) -> int:
+    from .tune import parse_seeds, print_sweep, run_sweep
+
+    sets = list(args.set) + ([f"engine.name={args.engine}"] if args.engine else [])
+    summary = run_sweep(args.topology, args.space, sets, seeds=parse_seeds(args.seeds), out=args.out,
+                        tracking=not args.no_tracking, tracking_uri=args.tracking_uri, num_cpus=args.num_cpus,
+                        num_samples=args.num_samples, quiet=args.quiet)
+    print_sweep(summary, _console(stderr=True))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import collect, plot, print_table, render
+    from .tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    rows = collect(uri, args.experiment, args.runs)
+    if not rows:
+        raise TopologyError(args.experiment, "no topology runs with peers to compare")
+    out = Path(args.out or ".")
+    picture = plot(rows, out / "compare.png", title=args.experiment)
+    if args.format == "table":
+        print_table(rows, f"{args.experiment}: {len({r.run_id for r in rows})} runs", _console())
+    else:
+        text = render(rows, args.format)
+        ext = {"markdown": "md"}.get(args.format, args.format)
+        (out / f"compare.{ext}").write_text(text)
+        sys.stdout.write(text)
+    print(f"curves → {picture}", file=sys.stderr)
     return 0
 
 
@@ -191,12 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--stop-after-epochs", type=int, metavar="N", help="stop after N epochs (checkpoint kept; --resume continues)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--seeds", metavar="S,S,…", help="repeat with these seeds (train.seed) into <out>/seed-<s>; "
+                                                   "reports mean ± std of last- and best-epoch top-1")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("plot", help="draw a topology's graph, or a run directory's accuracy curves, as PNG")
     p.add_argument("topology", help="topology YAML or run directory")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
     p.add_argument("-o", "--output", help="PNG path")
     p.set_defaults(fn=cmd_plot)
+    p = sub.add_parser("tune", help="Ray Tune search over topology paths (a space file); each trial a full run")
+    common(p, engine=True)
+    p.add_argument("--space", required=True, help="space file (see configs/tune/)")
+    p.add_argument("--seeds", metavar="S,S,…", help="run every configuration with each of these seeds; mean ± std")
+    p.add_argument("--out", help="sweep directory (default runs/<name>-tune-<time>)")
+    p.add_argument("--num-samples", type=int, metavar="N", help="override the space's num_samples")
+    p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--json", action="store_true", help="print the sweep summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress output")
+    p.set_defaults(fn=cmd_tune)
+    p = sub.add_parser("compare", help="table and curves of the peers of an MLflow experiment's runs")
+    p.add_argument("experiment", help="MLflow experiment (a topology's tracking.experiment, e.g. quick)")
+    p.add_argument("--runs", nargs="+", metavar="RUN", help="run ids or names (a sweep or seed group: its runs)")
+    p.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
+    p.add_argument("--out", help="directory for compare.png (and compare.csv|json|md); default: here")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db)")
+    p.set_defaults(fn=cmd_compare)
     return ap
 
 

@@ -16,7 +16,18 @@ through the global ``mlflow.start_run`` state, so one :class:`RunTracker` can li
 process (the local driver, or a Ray Train controller-side callback) and be re-attached after a
 restart with :meth:`RunTracker.state` / :meth:`RunTracker.resume`.
 
-SQLite stores must not see concurrent writers: log from one process only.
+Sweeps and seed repeats add a level on top (``nest_under``): the sweep or seed group is a run
+of its own (:meth:`RunTracker.open_group`), each topology run its child, each node a grandchild::
+
+    experiment
+    └── sweep run "quick-kd tune"   (online_kd.kind=sweep; params = the search space)
+        ├── topology run "trial-000"  (params include the overridden paths; tag best=true)
+        │   ├── child run "teacher"
+        │   └── child run "student"
+        └── topology run "trial-001"  …
+
+SQLite stores take several writing processes (the trials of a sweep) only because MLflow sets a
+20 s ``busy_timeout`` on each session; keep them few, or use ``mlflow server`` for many.
 
 Metric and param names are sanitised for MLflow (see :func:`sanitize_key`): MLflow accepts only
 alphanumerics, ``_ - . /``, spaces (and ``:`` off Windows), so an edge metric such as
@@ -58,6 +69,7 @@ TAG_ROLE = "online_kd.role"
 TAG_KIND = "online_kd.kind"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+TAG_OVERRIDES = "online_kd.overrides"  # JSON {path: value} of the overrides that made this run
 
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -192,12 +204,16 @@ class RunTracker:
         run_name: str,
         tags: dict[str, str] | None = None,
         artifact_location: str | None = None,
+        nest_under: str | None = None,
+        kind: str = "topology",
     ):
         self.uri = str(uri)
         self.experiment = str(experiment)
         self.run_name = str(run_name)
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.artifact_location = artifact_location
+        self.nest_under = nest_under  # run id of a sweep / seed group this run belongs to
+        self.kind = str(kind)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.child_run_ids: dict[str, str] = {}
@@ -292,7 +308,9 @@ class RunTracker:
             raise RuntimeError("RunTracker already started")
         client = self.client
         self.experiment_id = self._get_or_create_experiment()
-        parent_tags = {**self.tags, TAG_KIND: "topology"}
+        parent_tags = {**self.tags, TAG_KIND: self.kind}
+        if self.nest_under:
+            parent_tags[TAG_PARENT] = str(self.nest_under)
         parent = client.create_run(
             self.experiment_id, start_time=_now_ms(), tags=parent_tags, run_name=self.run_name
         )
@@ -337,6 +355,8 @@ class RunTracker:
             "tags": dict(self.tags),
             "parent_run_id": self.parent_run_id,
             "child_run_ids": dict(self.child_run_ids),
+            "nest_under": self.nest_under,
+            "kind": self.kind,
         }
 
     @classmethod
@@ -352,6 +372,8 @@ class RunTracker:
             state.get("experiment", ""),
             state.get("run_name", ""),
             tags=state.get("tags"),
+            nest_under=state.get("nest_under"),
+            kind=state.get("kind", "topology"),
         )
         tr.experiment_id = state.get("experiment_id")
         tr.parent_run_id = state["parent_run_id"]
@@ -405,6 +427,31 @@ class RunTracker:
         parent run."""
         self._require_started()
         self.client.log_text(self.parent_run_id, text, artifact_file)
+
+    def set_tags(self, tags: Mapping[str, Any], node: str = PARENT) -> None:
+        """Set tags (values ``str()``-ed) on the parent run or on a node's child run."""
+        from mlflow.entities import RunTag
+
+        self._require_started()
+        entities = [RunTag(sanitize_key(k) if not str(k).startswith("mlflow.") else str(k),
+                           str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
+        self._log_batch(self._run_id_for(node), tags=entities)
+
+    @classmethod
+    def open_group(
+        cls,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        kind: str,
+        params: Mapping[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> "RunTracker":
+        """A run that groups topology runs (``kind`` 'sweep' or 'seeds'): no node children of its
+        own; topology runs join it with ``RunTracker(..., nest_under=group.parent_run_id)``."""
+        tr = cls(uri, experiment, run_name, tags=tags, kind=kind)
+        tr.start({}, dict(params or {}))
+        return tr
 
     def finish(self, status: str = "FINISHED") -> None:
         """Terminate the child runs, then the parent, with ``status`` ("FINISHED", "FAILED" or

@@ -112,7 +112,8 @@ class Reporter:
             return
         uri = self.opt.tracking_uri or c.tracking.uri or default_tracking_uri()
         tags = {"online_kd.topology": c.name, "online_kd.out": str(self.out.resolve()), **self.opt.extra_tags}
-        self.tracker = RunTracker(uri, c.tracking.experiment or c.name, c.tracking.run_name or c.name, tags=tags)
+        self.tracker = RunTracker(uri, c.tracking.experiment or c.name, c.tracking.run_name or c.name, tags=tags,
+                                  nest_under=getattr(self.opt, "parent_run_id", None))
         nodes = {}
         for name, p in c.peers.items():
             nodes[name] = {"role": self.roles[name], **_flat(p.model_dump(mode="json", exclude_none=True))}
@@ -121,7 +122,8 @@ class Reporter:
             nodes[name] = {"role": "ensemble", "combine": e.combine, "members": ", ".join(e.members)}
         params = {"engine": c.engine.name, **_flat(c.train.model_dump(mode="json"), "train."),
                   **_flat(c.data.model_dump(mode="json", exclude={"synthetic"}), "data."),
-                  "edges": len(self.topology.edges), "stages": len(self.topology.stages)}
+                  "edges": len(self.topology.edges), "stages": len(self.topology.stages),
+                  **(getattr(self.opt, "extra_params", None) or {})}
         self.tracker.start(nodes, params)
         self.tracker.log_text(self.topology.to_yaml(), "topology.yaml")
         if graph is not None:
@@ -171,6 +173,8 @@ class Reporter:
             f.write(json.dumps(self.history[-1]) + "\n")
         if self.tracker:
             self.tracker.log_epoch(epoch, nodes)
+        if getattr(self.opt, "on_epoch", None) is not None:
+            self.opt.on_epoch(epoch, nodes)  # e.g. a Tune trial reporting to its scheduler
         accs = " · ".join(f"{n} {m['top1']:.1f}%" for n, m in nodes.items() if "top1" in m)
         losses = " · ".join(f"{n} loss {m['loss']:.3f}" for n, m in nodes.items() if "loss" in m)
         self.console.print(f"epoch {epoch + 1}/{self.topology.total_epochs}"
