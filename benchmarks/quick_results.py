@@ -79,17 +79,41 @@ METHODS = {
 }
 
 
+# What "alone" means where `edges=[]` is not the whole baseline (each YAML's header says the same):
+# more overrides for the alone run, or, where the baseline is a peer of the same run, (peer, its baseline).
+ALONE_OVERRIDES = {
+    "hsakd": {"data.expand": "none"},          # CE on unrotated images, no rotation expansion
+    "hsakd_online": {"data.expand": "none"},
+}
+SAME_RUN_BASELINE = {
+    "active_mixup": ("s2", "s0"),  # two rounds of mixes vs the student trained on the 100-image pool alone
+}
+
+
 def last_top1(path: Path, seed: int, alone: bool) -> dict[str, float]:
     raw = yaml.safe_load(path.read_text())
+    overrides = {"train.seed": seed, "tracking.enabled": False}
     if alone:  # the same peers, stages and epochs, with no edge (and no stage naming one)
         raw["edges"] = []
         for stage in raw.get("stages", []):
             stage.pop("edges", None)
-    topo = load_topology(raw, {"train.seed": seed, "tracking.enabled": False})
+        overrides.update(ALONE_OVERRIDES.get(path.stem, {}))
+    topo = load_topology(raw, overrides)
     with tempfile.TemporaryDirectory() as out:
         summary = LocalEngine(topo, RunOptions(out_dir=Path(out), tracking=False, quiet=True)).run()
-    learners = {e.target for e in load_topology(path).edges}
+    learners = {e.target for e in load_topology(path).edges if e.target != e.source}
+    learners = learners or {e.target for e in load_topology(path).edges}  # self-distillation: the peer itself
     return {p: v["top1_last"] for p, v in summary["peers"].items() if p in learners}
+
+
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _cell(name: str, d: list[float], a: list[float], a_name: str = "alone") -> str:
+    vs = "vs" if a_name == "alone" else f"vs {a_name}"
+    return (f"{name}: {statistics.mean(d):.1f} ± {_sd(d):.1f} {vs} {statistics.mean(a):.1f} ± {_sd(a):.1f} "
+            f"({statistics.mean(d) - statistics.mean(a):+.1f})")
 
 
 def main() -> None:
@@ -104,14 +128,12 @@ def main() -> None:
     rows = []
     for path in paths:
         with_edges = [last_top1(path, s, alone=False) for s in seeds]
-        alone = [last_top1(path, s, alone=True) for s in seeds]
-        cells = []
-        for peer in with_edges[0]:
-            d = [r[peer] for r in with_edges]
-            a = [r[peer] for r in alone]
-            sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
-            cells.append(f"{peer}: {statistics.mean(d):.1f} ± {sd(d):.1f} vs {statistics.mean(a):.1f} ± {sd(a):.1f} "
-                         f"({statistics.mean(d) - statistics.mean(a):+.1f})")
+        if path.stem in SAME_RUN_BASELINE:
+            peer, base = SAME_RUN_BASELINE[path.stem]
+            cells = [_cell(peer, [r[peer] for r in with_edges], [r[base] for r in with_edges], base)]
+        else:
+            alone = [last_top1(path, s, alone=True) for s in seeds]
+            cells = [_cell(peer, [r[peer] for r in with_edges], [r[peer] for r in alone]) for peer in with_edges[0]]
         paper, yaml_path, ref = METHODS.get(path.stem, ("", "", ""))
         row = f"| {path.stem} | {paper} | `topologies/{yaml_path}`, `topologies/quick/{path.stem}.yaml` | {ref} | {'; '.join(cells)} |"
         print(row, flush=True)

@@ -92,6 +92,27 @@ def test_ray_engine_matches_local_step_by_step(tmp_path, name):
         assert distributed["ensembles"]["teacher"]["top1_last"] == local["ensembles"]["teacher"]["top1_last"]
 
 
+FEATURE_MAP_METHODS = ["at", "fitnet", "fsp", "ofd", "sp", "rkd", "crd", "reviewkd", "infoflow"]
+
+
+@pytest.mark.parametrize("name", FEATURE_MAP_METHODS)
+def test_feature_map_methods_match_local_on_ray(tmp_path, name):
+    """Each feature-level quick topology, every stage for 3 steps: ray's per-step losses and final weights
+    are local's (feature maps, embeddings and relations cross workers; OFD's pair shares one worker)."""
+    raw = yaml.safe_load((ROOT / "topologies" / "quick" / f"{name}.yaml").read_text())
+    overrides = {"train.epochs": 1, "train.max_steps_per_epoch": 3}
+    overrides.update({f"stages[{i}].epochs": 1 for i, s in enumerate(raw.get("stages", [])) if "epochs" in s})
+    topo = load_topology(raw, {"train.threads": 1, **overrides})
+    run(LocalEngine, topo, tmp_path / "local")
+    run(RayEngine, topo, tmp_path / "ray")
+    a, b = step_losses(tmp_path / "local"), step_losses(tmp_path / "ray")
+    trained_steps = sum(3 * len(s.train) for s in topo.stages)
+    assert a.keys() == b.keys() and len(a) == trained_steps, (sorted(a), sorted(b))
+    worst = max(abs(a[k] - b[k]) for k in a)
+    assert worst <= 1e-5, worst
+    assert_same_weights(tmp_path / "local", tmp_path / "ray", {p for s in topo.stages for p in s.train})
+
+
 def test_two_replicas_match_one_with_the_whole_batch(tmp_path):
     raw = yaml.safe_load((ROOT / "topologies" / "quick" / "dml.yaml").read_text())
     raw["peers"]["a"]["model"] = "mlp"  # no BatchNorm: replicas see half-batch statistics otherwise
