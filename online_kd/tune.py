@@ -475,7 +475,7 @@ def _ray_init(num_cpus: int) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)  # the dashboard serves Train's State API
     return True
 
 
