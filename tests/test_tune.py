@@ -241,3 +241,28 @@ def test_seeds_of_a_configuration_are_compared_at_the_same_depth():
     text = con.export_text()
     assert "71.00 ± 1.41" in text and "52.50 ± 3.54" in text
     assert "best trial: t3 (edges[0].temperature=4): peers.student.top1 = 71.00 ± 1.41 over 2 seeds (measurement 2)" in text
+
+
+def test_ray_engine_trial_drives_a_torch_trainer_and_reports_each_epoch(tmp_path):
+    """engine: ray — the trial is the Train driver (Train v2 pattern): its workers' epochs reach Tune and MLflow."""
+    space = {"metric": "peers.student.top1", "num_samples": 1, "scheduler": "none",
+             "params": {"edges[0].temperature": {"choice": [4]}}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = subprocess.run([sys.executable, "-m", "online_kd.cli", "tune", str(KD), "--space", "space.yaml", *QUICK,
+                        "--set", "train.epochs=1", "--engine", "ray", "--num-cpus", "4", "--out", "sweep",
+                        "--tracking-uri", uri, "--json", "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (t,) = json.loads(r.stdout)["trials"]
+    assert t["status"] == "done" and t["measurements"] == 1 and t["reports"] == 1
+    history = [json.loads(x) for x in (Path(t["out"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [h["stage"] for h in history] == ["teacher", "student"]
+    assert t["metric"] == pytest.approx(history[-1]["nodes"]["student"]["top1"])
+    client = MlflowClient(tracking_uri=uri)
+    (trial,) = _runs(client, **{"online_kd.trial": "trial-000", "online_kd.kind": "topology"})
+    assert trial.data.params["engine"] == "ray" and trial.info.status == "FINISHED"
+    peers = {p.info.run_name: p for p in _runs(client, **{"mlflow.parentRunId": trial.info.run_id})}
+    assert set(peers) == {"teacher", "student"}
+    (student,) = client.get_metric_history(peers["student"].info.run_id, "top1")
+    assert student.step == 1 and student.value == pytest.approx(t["metric"])
