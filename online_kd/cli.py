@@ -41,7 +41,8 @@ def cmd_validate(args) -> int:
     plan = build_plan(topo)
     print(f"ok: {topo.name}: {len(topo.config.peers)} peers, {len(topo.config.ensembles)} ensembles, "
           f"{len(topo.edges)} edges, {len(topo.stages)} stage(s), {topo.total_epochs} epochs; "
-          f"{_human_bytes(plan.bytes_per_step())} exchanged per step over all stages")
+          f"{_human_bytes(sum(wire_bytes(topo, plan, st.name) for st in topo.stages))} exchanged between "
+          f"ray workers per step over all stages")
     return 0
 
 
@@ -57,8 +58,9 @@ def cmd_plan(args) -> int:
                        **e.params} for e in topo.edges],
             "stages": [{"name": s.name, "train": list(s.train), "epochs": s.epochs,
                         "taps": {p: sorted(t) for p, t in plan.stage_taps[i].items()},
-                        "transfers": [t.__dict__ for t in plan.transfers if t.stage == s.name],
-                        "bytes_per_step": plan.bytes_per_step(s.name)} for i, s in enumerate(topo.stages)],
+                        "transfers": [{**t.__dict__, "route": route, "wire_bytes": size}
+                                      for t, route, size in wire_routes(topo, plan, s.name)],
+                        "bytes_per_step": wire_bytes(topo, plan, s.name)} for i, s in enumerate(topo.stages)],
             "placement": placement(topo),
         }, indent=2, default=list))
         return 0
@@ -88,22 +90,35 @@ def cmd_plan(args) -> int:
         t = Table(title=f"exchange per step in '{s.name}' (ray engine, replica 0; each replica alike on its shard)")
         for col in ("from", "tap", "to", "worker → worker", "shape", "bytes/step"):
             t.add_column(col)
-        home = {(p, w["replica"]): w["worker"] for w in placement(topo) for p in w["peers"]}
-        sent, total = set(), 0
-        for tr in (x for x in plan.transfers if x.stage == s.name):
-            src, dst = home[(tr.source, 0)], home[(tr.target, 0)]
-            if src == dst:
-                route, size = "same worker (no copy)", "0 B"
-            elif (tr.source, tr.tap, dst) in sent:
-                route, size = f"{src} → {dst} (already sent)", "0 B"
-            else:
-                sent.add((tr.source, tr.tap, dst))
-                route, size = f"{src} → {dst}", _human_bytes(tr.bytes_per_step)
-                total += tr.bytes_per_step
-            t.add_row(tr.source, tr.tap, tr.target, route, str(list(tr.shape)), size)
+        routes = wire_routes(topo, plan, s.name)
+        for tr, route, size in routes:
+            t.add_row(tr.source, tr.tap, tr.target, route, str(list(tr.shape)), _human_bytes(size))
+        total = sum(size for _, _, size in routes)
         t.add_row("", "", "", "", "[bold]total[/]", f"[bold]{_human_bytes(total)}[/]")
         con.print(t)
     return 0
+
+
+def wire_routes(topo, plan, stage: str) -> list[tuple]:
+    """(transfer, route, bytes that cross workers) per planned transfer of ``stage`` on the ray engine
+    (replica 0): colocated peers pass taps by reference, and a tap goes to a worker once."""
+    home = {(p, w["replica"]): w["worker"] for w in placement(topo) for p in w["peers"]}
+    sent, out = set(), []
+    for tr in (x for x in plan.transfers if x.stage == stage):
+        src, dst = home[(tr.source, 0)], home[(tr.target, 0)]
+        if src == dst:
+            out.append((tr, "same worker (no copy)", 0))
+        elif (tr.source, tr.tap, dst) in sent:
+            out.append((tr, f"{src} → {dst} (already sent)", 0))
+        else:
+            sent.add((tr.source, tr.tap, dst))
+            out.append((tr, f"{src} → {dst}", tr.bytes_per_step))
+    return out
+
+
+def wire_bytes(topo, plan, stage: str) -> int:
+    """Bytes a step of ``stage`` sends between ray workers (replica 0)."""
+    return sum(size for _, _, size in wire_routes(topo, plan, stage))
 
 
 def placement(topo) -> list[dict]:

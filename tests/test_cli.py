@@ -78,6 +78,10 @@ def test_plan_shows_taps_and_bytes(tmp_path):
     stage = plan["stages"][0]
     assert stage["taps"] == {"a": ["logits"], "b": ["logits"]}
     assert stage["bytes_per_step"] == 2 * 64 * 100 * 4  # two logit tensors of batch 64 × 100 classes, fp32
+    ofd = json.loads(cli("plan", ROOT / "topologies/quick/ofd.yaml", "--json", cwd=tmp_path).stdout)
+    student = ofd["stages"][-1]  # teacher and student share a worker: the taps are read in place
+    assert student["transfers"] and all(t["route"] == "same worker (no copy)" for t in student["transfers"])
+    assert student["bytes_per_step"] == 0 and all(t["wire_bytes"] == 0 for t in student["transfers"])
     text = cli("plan", ROOT / "topologies/cifar100/kd.yaml", cwd=tmp_path)
     assert text.returncode == 0 and "bytes/step" in text.stdout and "resnet" not in text.stderr
 

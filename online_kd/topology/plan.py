@@ -17,7 +17,8 @@ from .graph import Edge, Stage, Topology
 
 @dataclass(frozen=True)
 class Transfer:
-    """One tap sent from one peer to another every step of a stage."""
+    """One tap that one peer reads from another every step of a stage (``bytes_per_step`` before
+    placement: colocated peers send nothing, see ``cli.wire_routes``)."""
 
     stage: str
     source: str
@@ -35,9 +36,6 @@ class ExchangePlan:
     shapes: dict[str, dict[str, tuple[int, ...]]]
     transfers: list[Transfer] = field(default_factory=list)
     batch_size: int = 0
-
-    def bytes_per_step(self, stage: str | None = None) -> int:
-        return sum(t.bytes_per_step for t in self.transfers if stage is None or t.stage == stage)
 
 
 def active_edges(topology: Topology, stage: Stage) -> list[Edge]:
