@@ -70,8 +70,9 @@ def prepare(raw: dict, batch_size: int, device: str, steps: int, threads: int) -
     old = raw.get("data") or {}
     raw["data"] = {"dataset": "synthetic", "batch_size": batch_size,
                    "synthetic": {"num_train": NUM_TRAIN, "num_test": 64, "shape": [3, 32, 32], "num_classes": 100}}
-    if old.get("holdout"):
-        raw["data"]["holdout"] = old["holdout"]  # KDCL-General's combiner refits on it
+    for key in ("holdout", "sampler", "expand"):  # KDCL-General's refit, CS-KD's partners, HSAKD's rotations
+        if old.get(key):
+            raw["data"][key] = old[key]
     peers = {n: dict(p or {}) for n, p in raw["peers"].items()}
     stages = [dict(s) for s in raw.get("stages") or []]
     staged = {p for s in stages for p in s.get("train", [])}
@@ -150,7 +151,8 @@ def measure(spec: dict) -> dict:
     stage = topo.stages[-1]
     rt.enter_stage(stage)
     epoch = busiest_epoch(stage, rt.active)
-    stream = BatchStream(data.train, c.data.batch_size, c.train.seed, transform=data.train_transform, shuffle=True)
+    stream = BatchStream(data.train, c.data.batch_size, c.train.seed, transform=data.train_transform, shuffle=True,
+                         sampler=data.train_sampler)
     holdout = BatchStream(data.holdout, c.data.batch_size, c.train.seed, shuffle=False) \
         if data.holdout is not None else None
     done = 0
