@@ -18,6 +18,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor
 
+from ..registry import registrar
+
 E = TypeVar("E")
 
 EXPANSIONS: dict[str, type] = {}
@@ -25,15 +27,10 @@ EXPANSIONS: dict[str, type] = {}
 
 def register_expansion(name: str) -> Callable[[E], E]:
     """Class decorator: the expansion used by ``data.expand: <name>``."""
+    return _register(name)
 
-    def deco(cls: E) -> E:
-        if name in EXPANSIONS:
-            raise ValueError(f"expansion '{name}' is registered twice")
-        EXPANSIONS[name] = cls
-        cls.name = name
-        return cls
 
-    return deco
+_register = registrar(EXPANSIONS, "expansion")
 
 
 @register_expansion("none")

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..registry import registrar
+
 
 # ---------------------------------------------------------------------- the pieces
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,17 +129,12 @@ class BNInputHooks:
 OBJECTIVES: dict[str, type["SynthesisObjective"]] = {}
 
 
+_register = registrar(OBJECTIVES, "synthesis objective")
+
+
 def register_objective(name: str):
     """Class decorator: the objective used by ``objective: <name>`` of a synthesize stage."""
-
-    def deco(cls):
-        if name in OBJECTIVES:
-            raise ValueError(f"synthesis objective '{name}' is registered twice")
-        OBJECTIVES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+    return _register(name)
 
 
 class SynthesisObjective:
