@@ -672,3 +672,17 @@ def test_cli_set_errors_exit_2(tmp_path):
     r = run_cli("validate", QUICK / "kd.yaml", "--set", "edges=[]", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok: quick-kd: 2 peers, 0 ensembles, 0 edges")
+
+
+@pytest.mark.parametrize("name, peer", [("sp", "student"), ("rkd", "teacher"), ("crd", "student"),
+                                        ("infoflow", "student")])
+def test_losses_relating_a_batch_refuse_replicas_on_ray(name, peer):
+    """A replica sees a shard of the batch: SP/RKD's B×B relations, CRD's banks and infoflow's kernels would
+    relate only the shard's samples, so the ray engine refuses replicas on such an edge's peers."""
+    sets = {"engine.name": "ray", f"peers.{peer}.replicas": 2}
+    with pytest.raises(TopologyError) as err:
+        load_topology(QUICK / f"{name}.yaml", sets)
+    assert str(err.value).startswith(f"peers.{peer}.replicas: 2 replicas would each relate only their shard"), err.value
+    assert f"loss '{name}'" in str(err.value)
+    load_topology(QUICK / f"{name}.yaml", {**sets, "engine.name": "local"})  # one process sees the whole batch
+    load_topology(QUICK / "kd.yaml", {"engine.name": "ray", "peers.student.replicas": 2})  # per-sample losses: fine

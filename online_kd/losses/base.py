@@ -84,6 +84,7 @@ class EdgeLoss(nn.Module):
     needs_source_model: ClassVar[bool] = False  # reads the source network itself (e.g. its BN statistics)
     batch_fields: ClassVar[frozenset[str]] = frozenset()  # extra Batch fields it reads ('pair': data.sampler)
     needs_expansion: ClassVar[bool] = False  # reads expanded views' joint labels (a data.expand other than none)
+    relates_samples: ClassVar[bool] = False  # relates a batch's samples to each other (B×B matrices, banks by index)
     phase: ClassVar[int] = 0  # 0: the main update with CE; 1: a separate update after it (AFD's adversarial step)
     source_kinds: ClassVar[frozenset[str]] = frozenset({"peer", "ensemble", "virtual"})
 

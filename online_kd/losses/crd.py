@@ -117,6 +117,8 @@ class CRD(EdgeLoss):
     place (the backward still needs them as scored), so a step briefly holds two copies of each.
     """
 
+    relates_samples = True  # negatives from banks keyed by sample index, updated per replica
+
     Params = CRDParams
 
     def __init__(self, params: CRDParams):

@@ -114,6 +114,8 @@ class InfoFlow(EdgeLoss):
     the student on the transfer loss alone.
     """
 
+    relates_samples = True  # B×B conditional probabilities
+
     Params = InfoFlowParams
 
     def needs(self) -> Needs:

@@ -27,6 +27,7 @@ class _TapParams(Params):
 
 class _Relational(EdgeLoss):
     source_kinds = frozenset({"peer"})  # relations of features: only networks have taps
+    relates_samples = True  # B×B relations of the batch
 
     @property
     def source_tap(self) -> str:
