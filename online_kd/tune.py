@@ -423,15 +423,18 @@ def run_trial(config: dict, job: TrialJob) -> None:
 
 
 def _follow(path: Path, hook: TuneReport, stop: threading.Event) -> None:
-    """Call ``hook`` for every record appended to a run's metrics.jsonl until ``stop`` (then drain)."""
-    done = 0
+    """Call ``hook`` for every epoch appended to a run's metrics.jsonl until ``stop`` (then drain); an epoch
+    re-reported after a worker restart is not reported to Tune again."""
+    done, last_epoch = 0, -1
     while True:
         final = stop.is_set()
         if path.is_file():
-            lines = path.read_text().splitlines()
+            lines = path.read_text().split("\n")[:-1]  # complete lines only: the writer may be mid-line
             for line in lines[done:]:
                 rec = json.loads(line)
-                hook(rec["epoch"], rec["nodes"])
+                if rec["epoch"] > last_epoch:
+                    hook(rec["epoch"], rec["nodes"])
+                    last_epoch = rec["epoch"]
             done = len(lines)
         if final:
             return

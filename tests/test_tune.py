@@ -266,3 +266,23 @@ def test_ray_engine_trial_drives_a_torch_trainer_and_reports_each_epoch(tmp_path
     assert set(peers) == {"teacher", "student"}
     (student,) = client.get_metric_history(peers["student"].info.run_id, "top1")
     assert student.step == 1 and student.value == pytest.approx(t["metric"])
+
+
+def test_follower_reports_complete_lines_once_per_epoch(tmp_path):
+    """The ray-engine trial's follower of metrics.jsonl: a half-written line waits; a re-reported epoch is skipped."""
+    import threading
+
+    from online_kd.tune import _follow
+
+    path = tmp_path / "metrics.jsonl"
+    seen = []
+    rec = lambda e: json.dumps({"epoch": e, "nodes": {"s": {"top1": float(e)}}})  # noqa: E731
+    path.write_text(rec(0) + "\n" + rec(1) + "\n" + rec(1) + "\n" + rec(2)[:10])  # restart re-reported 1; 2 mid-write
+    stop = threading.Event()
+    stop.set()
+    _follow(path, lambda epoch, nodes: seen.append(epoch), stop)
+    assert seen == [0, 1]
+    path.write_text(path.read_text()[: -10] + rec(2) + "\n")
+    seen.clear()
+    _follow(path, lambda epoch, nodes: seen.append(epoch), stop)
+    assert seen == [0, 1, 2]
