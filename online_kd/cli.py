@@ -193,8 +193,9 @@ def run_seeds(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     group = None
     if not args.no_tracking and c.tracking.enabled:
-        if args.resume and state_file.is_file() and json.loads(state_file.read_text()).get("tracker"):
-            group = RunTracker.resume(json.loads(state_file.read_text())["tracker"])
+        saved = json.loads(state_file.read_text()).get("tracker") if args.resume and state_file.is_file() else None
+        if saved:
+            group = RunTracker.resume(saved)
         else:
             uri = args.tracking_uri or c.tracking.uri or default_tracking_uri()
             group = RunTracker.open_group(

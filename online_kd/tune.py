@@ -48,11 +48,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .compare import mean_std
+from .compare import SEED_PATH, mean_std
 from .errors import TopologyError, suggest
 from .topology.load import _split_path, apply_overrides, load_topology, read_yaml, set_path
 
-SEED_PATH = "train.seed"
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 _DIST_HELP = ("a distribution: {choice: [v, …]}, {grid: [v, …]}, {uniform: [low, high]}, "
               "{loguniform: [low, high]} or {randint: [low, high]}")

@@ -113,7 +113,7 @@ class Reporter:
         uri = self.opt.tracking_uri or c.tracking.uri or default_tracking_uri()
         tags = {"online_kd.topology": c.name, "online_kd.out": str(self.out.resolve()), **self.opt.extra_tags}
         self.tracker = RunTracker(uri, c.tracking.experiment or c.name, c.tracking.run_name or c.name, tags=tags,
-                                  nest_under=getattr(self.opt, "parent_run_id", None))
+                                  nest_under=self.opt.parent_run_id)
         nodes = {}
         for name, p in c.peers.items():
             nodes[name] = {"role": self.roles[name], **_flat(p.model_dump(mode="json", exclude_none=True))}
@@ -123,7 +123,7 @@ class Reporter:
         params = {"engine": c.engine.name, **_flat(c.train.model_dump(mode="json"), "train."),
                   **_flat(c.data.model_dump(mode="json", exclude={"synthetic"}), "data."),
                   "edges": len(self.topology.edges), "stages": len(self.topology.stages),
-                  **(getattr(self.opt, "extra_params", None) or {})}
+                  **self.opt.extra_params}
         self.tracker.start(nodes, params)
         self.tracker.log_text(self.topology.to_yaml(), "topology.yaml")
         if graph is not None:
@@ -173,7 +173,7 @@ class Reporter:
             f.write(json.dumps(self.history[-1]) + "\n")
         if self.tracker:
             self.tracker.log_epoch(epoch, nodes)
-        if getattr(self.opt, "on_epoch", None) is not None:
+        if self.opt.on_epoch is not None:
             self.opt.on_epoch(epoch, nodes)  # e.g. a Tune trial reporting to its scheduler
         accs = " · ".join(f"{n} {m['top1']:.1f}%" for n, m in nodes.items() if "top1" in m)
         losses = " · ".join(f"{n} loss {m['loss']:.3f}" for n, m in nodes.items() if "loss" in m)
