@@ -16,6 +16,7 @@ from ray.train import UserCallback
 
 from ..errors import DivergenceError, TopologyError
 from ..topology.graph import Topology
+from ..topology.validate import check_cluster_resources
 from .checkpoint import atomic_write_text
 from .exchange import placement
 from .local import RunOptions, check_inits
@@ -141,6 +142,7 @@ class RayEngine:
             tracker_file.write_text(json.dumps(state))
 
         self._ensure_ray(world, use_gpu)
+        check_cluster_resources(topo)
         threads = c.train.threads or max(1, (os.cpu_count() or 1) // world)
         config = {"raw": topo.raw, "out_dir": str(out), "threads": threads, "use_gpu": use_gpu,
                   "record_steps": opts.record_steps, "profile": opts.profile,

@@ -8,14 +8,15 @@ public. Pair it with ``kl`` edges for the logit part and the ``ring`` pattern fo
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
+from ..finite import FiniteModel
 from .base import EdgeLoss, Needs, Params
 from .registry import register_loss
 
 
-class DiscriminatorSpec(BaseModel):
+class DiscriminatorSpec(FiniteModel):
     model_config = ConfigDict(extra="forbid")
     hidden: int = Field(64, ge=1)
     lr: float = Field(2.0e-5, gt=0)

@@ -8,8 +8,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from ..finite import FiniteModel
 
-class Params(BaseModel):
+
+class Params(FiniteModel):
     """Base of each loss's parameters: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
@@ -38,7 +40,7 @@ class Clock:
     step: int = 0            # global step
 
 
-class Ramp(BaseModel):
+class Ramp(FiniteModel):
     """A loss term's weight going linearly from ``start`` to ``end`` over the first ``over`` fraction of
     the stage, then staying at ``end``: w = start + (end − start)·min(e / (over·E), 1), with e the epoch
     in the stage (plus ``epoch_base``: 1 counts epochs from 1, as scripts that loop ``range(1, E+1)``)

@@ -6,10 +6,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from ..finite import FiniteModel
 from .registry import register_combiner
 
 
-class CombinerParams(BaseModel):
+class CombinerParams(FiniteModel):
     model_config = ConfigDict(extra="forbid")
 
 

@@ -7,10 +7,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from ..finite import FiniteModel
 from .registry import register_virtual
 
 
-class VirtualParams(BaseModel):
+class VirtualParams(FiniteModel):
     model_config = ConfigDict(extra="forbid")
 
 

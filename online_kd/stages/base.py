@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from ..data.datasets import TensorDataset
+from ..finite import FiniteModel
 
 
-class StageParams(BaseModel):
+class StageParams(FiniteModel):
     """Base of a stage kind's parameters: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")

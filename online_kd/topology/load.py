@@ -12,13 +12,13 @@ from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Mapping, Sequence, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import TopologyError, suggest
 from .graph import Topology
 from .patterns import expand_edges
 from .schema import TopologyConfig
+from .yaml_loader import LoaderError, load_yaml
 
 _INDEX = re.compile(r"^(\w[\w\-]*)?((?:\[\d+\])*)$")
 
@@ -29,15 +29,16 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise TopologyError(str(path), "no such topology file")
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise TopologyError(str(path), f"cannot read the file ({e})") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise TopologyError(where, f"not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        data = load_yaml(text)
+    except LoaderError as e:
+        at = f"{path}:{e.line}" + (f":{e.column}" if e.column else "") if e.line else str(path)
+        if e.place:
+            raise TopologyError(e.place, f"{e.message} in {path}") from None
+        raise TopologyError(at, e.message) from None
     if not isinstance(data, dict):
         raise TopologyError(str(path), "a topology is a mapping with name, data, peers, edges, …")
     return data
@@ -97,9 +98,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise TopologyError("--set", f"expected PATH=VALUE, e.g. train.epochs=3 (got {text!r})")
     path, value = text.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
+        parsed = load_yaml(value) if value.strip() else ""
+    except LoaderError as e:
+        if e.message.startswith("not valid YAML"):
+            parsed = value  # a plain string that YAML cannot read, e.g. 'a: b: c'
+        else:
+            raise TopologyError(f"--set {path.strip()}", e.message) from None
     return path.strip(), parsed
 
 

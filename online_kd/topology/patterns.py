@@ -3,8 +3,26 @@ from __future__ import annotations
 
 from itertools import permutations
 
+from ..errors import TopologyError
 from .graph import Edge
 from .schema import EdgeConfig, TopologyConfig
+
+#: most plain edges a topology may expand to (all_pairs over 64 nodes makes 4,032)
+MAX_EDGES = 4096
+
+
+def count_pairs(cfg: EdgeConfig) -> int:
+    """How many plain edges ``cfg`` expands to, without expanding it."""
+    n = len(cfg.over or [])
+    if cfg.pattern == "all_pairs":
+        return n * (n - 1)
+    if cfg.pattern == "ring":
+        return n if n > 2 else 2
+    if cfg.pattern == "star":
+        return n
+    if cfg.pattern == "chain":
+        return max(n - 1, 0)
+    return len(cfg.to) if isinstance(cfg.to, list) else 1
 
 
 def _pairs(cfg: EdgeConfig) -> list[tuple[str, str]]:
@@ -23,6 +41,13 @@ def _pairs(cfg: EdgeConfig) -> list[tuple[str, str]]:
 
 def expand_edges(config: TopologyConfig) -> list[Edge]:
     """Every edge entry, pattern or list-valued ``to``, as one Edge per (source, target)."""
+    total = 0
+    for i, cfg in enumerate(config.edges):
+        total += count_pairs(cfg)
+        if total > MAX_EDGES:
+            what = f"'{cfg.pattern}' over {len(cfg.over or [])} nodes" if cfg.pattern else f"{count_pairs(cfg)} targets"
+            raise TopologyError(f"edges[{i}].{'over' if cfg.pattern else 'to'}",
+                                f"{what} brings the topology to {total:,} edges; at most {MAX_EDGES:,}")
     edges: list[Edge] = []
     for i, cfg in enumerate(config.edges):
         for source, target in _pairs(cfg):

@@ -6,6 +6,7 @@ each edge's taps exist and fit (a loss's ``build`` raises on a mismatch).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -80,6 +81,50 @@ def _aux_hint(model: str, tap: str) -> str:
     return ""
 
 
+def _memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes_text(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**30:,.1f} GiB)"
+
+
+def check_input_size(topology: Topology, info, rows: int, memory: int | None = None) -> None:
+    """Refuse data whose inputs cannot be allocated here, before anything is: a batch's input tensor
+    (``rows`` samples of fp32 images) and, for a synthetic set, its label tensors must fit in memory."""
+    c = topology.config
+    memory = _memory_bytes() if memory is None else memory
+    if not memory:
+        return
+    shape = (info.in_channels, *info.image_size)
+    sample = math.prod(shape) * 4
+    where = {"synthetic": "data.synthetic.shape", "imagefolder": "data.image_size"}.get(c.data.dataset, "data.batch_size")
+    shape_text = "×".join(map(str, shape))
+    if 2 * sample > memory // 2:
+        raise TopologyError(where, f"one {shape_text} sample takes {_bytes_text(sample)}: the dry forward's batch of "
+                                   f"2 needs more than half of this machine's {_bytes_text(memory)} of memory")
+    batch = max(c.data.batch_size, c.data.test_batch_size or 0)
+    need = rows * sample
+    if need > memory // 2:
+        raise TopologyError("data.batch_size" if c.data.test_batch_size is None or c.data.batch_size >= batch
+                            else "data.test_batch_size",
+                            f"a batch of {batch:,} samples" + (f" ({rows:,} rows)" if rows != batch else "")
+                            + f" of {shape_text} floats takes "
+                            f"{_bytes_text(need)} for its input alone, more than half of this machine's "
+                            f"{_bytes_text(memory)} of memory")
+    if c.data.dataset == "synthetic":
+        labels = (c.data.synthetic.num_train + c.data.synthetic.num_test) * 16  # int64 labels and their permutation
+        if labels > memory // 2:
+            raise TopologyError("data.synthetic.num_train", f"{c.data.synthetic.num_train:,} + "
+                                                            f"{c.data.synthetic.num_test:,} samples take "
+                                                            f"{_bytes_text(labels)} for their labels alone, more than "
+                                                            f"half of this machine's {_bytes_text(memory)} of memory")
+
+
 def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) -> ExchangePlan:
     """Dry-run every model and loss on a 2-sample batch; TopologyError on missing taps or shape mismatches."""
     from ..data import dataset_info
@@ -99,6 +144,7 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
         expansion.check(info.in_channels, info.image_size)
     except ValueError as err:
         raise TopologyError("data.expand", f"'{c.data.expand}' does not fit {info.name}: {err}") from None
+    check_input_size(topology, info, expansion.rows(max(c.data.batch_size, c.data.test_batch_size or 0)))
     losses = {}
     for e in topology.edges:
         try:
@@ -142,7 +188,12 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
                                             f"{e.source}→{e.target} reads it{_aux_hint(c.peers[p].model, tap)}") from None
 
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    x = torch.zeros(2, info.in_channels, *info.image_size)
+    try:
+        x = torch.zeros(2, info.in_channels, *info.image_size)
+    except (RuntimeError, MemoryError) as err:
+        size = 2 * math.prod((info.in_channels, *info.image_size)) * 4
+        raise TopologyError("data", f"cannot allocate the dry forward's {shape_text} batch ({_bytes_text(size)}): "
+                                    f"{type(err).__name__}") from None
     for name, peer in c.peers.items():
         model = models.pop(name)
         where = f"peers.{name}.model_args" if peer.model_args else f"peers.{name}.model"
@@ -155,7 +206,7 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = tapped(x)
-        except Exception as err:  # whatever the model's forward raises on this input
+        except Exception as err:  # whatever the model's forward raises on this input, an allocation failure too
             raise TopologyError(where, f"'{peer.model}' fails a dry forward on a {shape_text} batch "
                                        f"({info.name}): {type(err).__name__}: {err}") from None
         shapes[name] = {k: tuple(v.shape[1:]) for k, v in out.items()}

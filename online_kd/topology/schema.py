@@ -10,22 +10,28 @@ from typing import Annotated, Any, Literal
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from ..finite import FiniteModel
 
 
-class Strict(BaseModel):
+class Strict(FiniteModel):
     """A section whose keys are all known: unknown keys are an error."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class Open(BaseModel):
+class Open(FiniteModel):
     """A section that carries extra, class-specific parameters (validated later)."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     def extras(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+#: most replicas of one peer (a worker each on the ray engine)
+MAX_REPLICAS = 1024
 
 
 class SyntheticSpec(Strict):
@@ -94,7 +100,7 @@ class PeerConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     frozen: bool = False
     init: str | None = None
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     deepspeed: DeepSpeedSpec | None = None
     view: int = Field(0, ge=0)  # augmentation view: peers with different views see differently augmented copies
     task_weight: float = Field(1.0, ge=0)
@@ -179,8 +185,8 @@ class StageConfig(Open):
 
 class EngineConfig(Strict):
     name: Literal["local", "ray"] = "local"
-    workers_per_peer: int = Field(1, ge=1)
-    resources_per_worker: dict[str, float] = {}
+    workers_per_peer: int = Field(1, ge=1, le=MAX_REPLICAS)
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] = {}
     colocate: list[list[str]] = []
     max_failures: int = Field(0, ge=-1)
     report_every: int | None = Field(None, ge=1)

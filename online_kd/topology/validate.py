@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import difflib
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -21,11 +20,6 @@ def validate_params(cls: type[BaseModel], params: Mapping[str, Any], where: str,
     ``what`` names the class in messages ("loss 'kd'"); ``common`` are the keys the
     section itself takes besides the class's (listed in 'unknown key' errors).
     """
-    for key, value in params.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            safe = isinstance(key, str) and _SAFE_KEY.match(key)
-            raise TopologyError(f"{where}.{key}" if safe else where,
-                                ("" if safe else f"key {key!r}: ") + f"must be a finite number (got {value})")
     try:
         return cls.model_validate(dict(params))
     except ValidationError as err:
@@ -234,6 +228,53 @@ def _check_relational_replicas(topology: Topology) -> None:
                                                            f"to each other: use replicas: 1 for its peers")
 
 
+#: most workers the ray engine starts for one topology
+MAX_WORKERS = 1024
+
+
+def ray_workers(topology: Topology) -> tuple[int, int, int]:
+    """(workers, worker groups, replicas) that placement gives the ray engine, without listing them."""
+    c = topology.config
+    grouped = {p for g in c.engine.colocate for p in g}
+    groups = len(c.engine.colocate) + sum(1 for p in c.peers if p not in grouped)
+    replicas = max(p.replicas for p in c.peers.values())
+    return groups * replicas, groups, replicas
+
+
+def _replicas_place(topology: Topology) -> str:
+    c = topology.config
+    most = max(c.peers, key=lambda p: c.peers[p].replicas)
+    return f"peers.{most}.replicas"
+
+
+def check_cluster_resources(topology: Topology, available: Mapping[str, float] | None = None) -> None:
+    """On the ray engine: the workers that placement starts, each asking for ``resources_per_worker``,
+    fit in the Ray cluster's resources (``ray.cluster_resources()`` when ``available`` is None);
+    otherwise Ray Train would wait for them forever."""
+    c = topology.config
+    if available is None:
+        import ray
+
+        available = ray.cluster_resources()
+    world, groups, replicas = ray_workers(topology)
+    for name, amount in sorted((dict(c.engine.resources_per_worker) or {"CPU": 1.0}).items()):
+        need, have = world * amount, float(available.get(name, 0))
+        if need > have:
+            where = _replicas_place(topology) if replicas > 1 else "engine.resources_per_worker"
+            raise TopologyError(where, f"the ray engine starts {world} workers ({groups} peer group(s) × {replicas} "
+                                       f"replica(s)) of {amount:g} {name} each: {need:g} {name} in all, but the Ray "
+                                       f"cluster has {have:g}")
+
+
+def _check_worker_count(topology: Topology) -> None:
+    if topology.config.engine.name != "ray":
+        return
+    world, groups, replicas = ray_workers(topology)
+    if world > MAX_WORKERS:
+        raise TopologyError(_replicas_place(topology), f"the ray engine would start {world:,} workers ({groups} peer "
+                                                       f"group(s) × {replicas} replicas); at most {MAX_WORKERS:,}")
+
+
 def _keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
@@ -384,6 +425,7 @@ def check_topology(topology: Topology) -> None:
             colocated[p] = i
     _check_source_models_colocated(topology, colocated)
     _check_relational_replicas(topology)
+    _check_worker_count(topology)
 
 
 def _nodes_hint(topology: Topology) -> str:
