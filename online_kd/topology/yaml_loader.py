@@ -63,9 +63,9 @@ class TopologyLoader(yaml.SafeLoader):
     def construct_object(self, node, deep=False):
         try:
             return super().construct_object(node, deep=deep)
-        except (ValueError, TypeError, OverflowError) as e:
-            if isinstance(e, LoaderError):
-                raise
+        except (LoaderError, yaml.YAMLError):
+            raise
+        except Exception as e:  # the constructors of tagged values raise anything: ValueError, AttributeError, …
             # a tagged value that cannot be built, e.g. !!float 'abc' or !!timestamp '2020-13-45'
             raise LoaderError(f"{node.tag.replace('tag:yaml.org,2002:', '!!')} value cannot be built ({type(e).__name__}: {e})",
                               self._places.get(id(node), ""), _line(node)) from None
