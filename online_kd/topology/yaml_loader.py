@@ -80,10 +80,10 @@ class TopologyLoader(yaml.SafeLoader):
         open_: set[int] = set()
 
         def walk(node: Node, place: str, depth: int) -> tuple[int, int]:
-            if depth > MAX_DEPTH:
+            key = id(node)
+            if depth + sizes.get(key, (0, 0))[1] > MAX_DEPTH:
                 raise LoaderError(f"nested more than {MAX_DEPTH} levels deep once its aliases are expanded",
                                   place, _line(node))
-            key = id(node)
             if key in sizes:
                 return sizes[key]
             if key in open_:
