@@ -92,3 +92,10 @@ def test_local_instance_requires_a_token_even_when_disabled_in_the_env(tmp_path,
             assert resp.status == 200
     finally:
         ray.shutdown()
+        # this process cached the test's token and auth mode: forget them, or the next instance that a
+        # test here starts would present the wrong token to its GCS
+        monkeypatch.undo()
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        AuthenticationTokenLoader.instance().reset_cache()
+        Config.initialize("")
