@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Submit an online_kd topology as a Ray job (`ray job submit`) to a running Ray cluster.
 #
-#   launch/submit.sh TOPOLOGY.yaml [online-kd run args...]
+#   launch/submit.sh [--insecure] TOPOLOGY.yaml [online-kd run args...]
 #
+# It refuses to submit without a Ray auth token (see RAY_AUTH_MODE below) unless told --insecure.
 # Run it from the repository root: the current directory is uploaded as the job's working_dir and
 # the job runs
 #
@@ -15,10 +16,11 @@
 #   RAY_ADDRESS                job server of the cluster (default http://127.0.0.1:8265, the dashboard
 #                              of a local `ray start --head`; a remote cluster: `ray dashboard cluster.yaml`
 #                              forwards it to that address, or use the head's http://HOST:8265).
-#   RAY_AUTH_MODE              Ray >= 2.59 starts local clusters with token authentication, and clients
-#                              must then set RAY_AUTH_MODE=token. When unset, this script sets it to
-#                              `token` if a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-#                              ~/.ray/auth_token); set RAY_AUTH_MODE=disabled to opt out.
+#   RAY_AUTH_MODE              token authentication: this script sets RAY_AUTH_MODE=token and needs the
+#                              cluster's token in RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH or
+#                              ~/.ray/auth_token (`ray get-auth-token` on the head prints it). Without a
+#                              token, or with RAY_AUTH_MODE=disabled, it refuses (exit 2) unless
+#                              --insecure is given: a cluster without token auth runs any job sent to it.
 #   MLFLOW_TRACKING_URI        where the run logs (default sqlite:///$PWD/mlflow.db). The job runs in a
 #                              temporary copy of this directory, so a relative URI would land in that
 #                              temp dir and vanish: use an ABSOLUTE sqlite path that every node sees
@@ -56,10 +58,15 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     echo "See the comments at the top of $0 for the environment variables."
 }
 
+insecure=0
+if [[ "${1:-}" == "--insecure" ]]; then
+    insecure=1
+    shift
+fi
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
     usage
     [[ $# -ge 1 ]] && exit 0 || exit 2
@@ -76,16 +83,6 @@ case "$topology" in
 esac
 
 export RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
-
-# --- token authentication (Ray >= 2.59) -------------------------------------------------------
-if [[ -z "${RAY_AUTH_MODE:-}" ]]; then
-    if [[ -n "${RAY_AUTH_TOKEN:-}" || -n "${RAY_AUTH_TOKEN_PATH:-}" || -f "${HOME:-/nonexistent}/.ray/auth_token" ]]; then
-        export RAY_AUTH_MODE=token
-    else
-        echo "submit.sh: note: no Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token);" \
-             "submitting without token authentication" >&2
-    fi
-fi
 
 # --- what the user already chose --------------------------------------------------------------
 has_out=0; has_resume=0; has_uri=0; no_tracking=0
@@ -128,6 +125,30 @@ if [[ $has_out -eq 0 ]]; then
 fi
 uri_args=()
 [[ $no_tracking -eq 0 ]] && uri_args=(--tracking-uri "$MLFLOW_TRACKING_URI")
+
+# --- token authentication: on, unless told --insecure -----------------------------------------
+has_token=0
+if [[ -n "${RAY_AUTH_TOKEN:-}" ]]; then
+    has_token=1
+elif [[ -n "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
+    [[ -s "$RAY_AUTH_TOKEN_PATH" ]] && has_token=1
+elif [[ -s "${HOME:-/nonexistent}/.ray/auth_token" ]]; then
+    has_token=1
+fi
+if [[ $insecure -eq 1 ]]; then
+    echo "submit.sh: warning: --insecure: submitting without requiring token authentication" >&2
+    [[ $has_token -eq 1 && -z "${RAY_AUTH_MODE:-}" ]] && export RAY_AUTH_MODE=token
+elif [[ "${RAY_AUTH_MODE:-token}" != "token" ]]; then
+    echo "submit.sh: RAY_AUTH_MODE=$RAY_AUTH_MODE: refusing to submit without token authentication" \
+         "(unset it and provide the cluster's token, or pass --insecure)" >&2
+    exit 2
+elif [[ $has_token -eq 0 ]]; then
+    echo "submit.sh: no Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): refusing to" \
+         "submit without token authentication ('ray get-auth-token' on the head prints it; --insecure to submit anyway)" >&2
+    exit 2
+else
+    export RAY_AUTH_MODE=token
+fi
 
 health=${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.5}
 

@@ -49,6 +49,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .compare import SEED_PATH, mean_std
+from .engine.raystart import ensure_ray
 from .errors import TopologyError, suggest
 from .topology.load import _split_path, apply_overrides, load_topology, read_yaml, set_path
 
@@ -464,23 +465,6 @@ class TrialOutcome:
         return json.dumps({k: v for k, v in self.overrides.items() if k != SEED_PATH}, sort_keys=True, default=str)
 
 
-def _ray_init(num_cpus: int) -> bool:
-    """A local Ray instance (or $RAY_ADDRESS) as the ray engine starts one; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    from .engine.ray import HEALTH_CHECK_ENV
-
-    os.environ.setdefault(HEALTH_CHECK_ENV, "0.25")
-    env = {"env_vars": {HEALTH_CHECK_ENV: os.environ[HEALTH_CHECK_ENV]}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, runtime_env=env, log_to_driver=True)  # the dashboard serves Train's State API
-    return True
-
-
 def _trial_resources(topology, num_cpus: int) -> tuple[dict[str, float], int, int]:
     """(resources of one trial actor, trials at once, CPUs for the Ray instance) from the topology's engine:
     a local-engine trial is one process on one CPU; a ray-engine trial drives a worker per peer replica."""
@@ -565,7 +549,7 @@ def run_sweep(topology_path: str, space_path: str, sets: list[str] = (), seeds: 
         sweep.log_text(space.text, "space.yaml")
         sweep.log_text(topo.to_yaml(), "topology.yaml")
 
-    started = _ray_init(ray_cpus)
+    started = ensure_ray(ray_cpus)
     try:
         from ray import tune
 

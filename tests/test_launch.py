@@ -86,6 +86,51 @@ def test_submit_script_usage():
     assert bad.returncode == 2 and "relative" in bad.stderr
 
 
+def test_cluster_launcher_turns_token_auth_on_and_exposes_nothing_unauthenticated():
+    cfg = yaml.safe_load((LAUNCH / "cluster.yaml").read_text())
+    assert any("RAY_AUTH_MODE=token" in o for o in cfg["docker"]["run_options"])
+    assert "~/.ray/auth_token" in cfg["file_mounts"].values()  # one token for every node and client
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("export RAY_AUTH_MODE=token;" in c for c in starts), starts
+    assert any("auth_token" in c and "exit 1" in c for c in cfg["head_start_ray_commands"])  # no token: no cluster
+    commands = [c for key, value in cfg.items() if key.endswith("_commands") for c in value]
+    assert commands and not [c for c in commands if "0.0.0.0" in c or "--host=::" in c or "--host ::" in c]
+    mlflow = [c for c in commands if "mlflow server" in c]
+    assert len(mlflow) == 1 and ("--host 127.0.0.1" in mlflow[0] or "basic-auth" in mlflow[0]), mlflow
+    assert "--dashboard-host=127.0.0.1" in starts[0]
+
+
+def _submit(args: list[str], tmp_path: Path, **env_over: str) -> subprocess.CompletedProcess:
+    """submit.sh with no token anywhere (HOME is empty) unless ``env_over`` gives one; nothing listens on :9."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "MLFLOW_"))}
+    env.update(HOME=str(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+               RAY_ADDRESS="http://127.0.0.1:9", **env_over)
+    return subprocess.run([str(SUBMIT), *args, "topologies/quick/dml.yaml"], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)
+
+
+def test_submit_refuses_without_a_token(tmp_path):
+    out = _submit([], tmp_path)
+    assert out.returncode == 2 and "no Ray auth token" in out.stderr and "--insecure" in out.stderr
+    assert "RAY_ADDRESS=" not in out.stderr  # stopped before `ray job submit`
+    (tmp_path / "token").write_text("t" * 32)
+    off = _submit([], tmp_path, RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"))
+    assert off.returncode == 2 and "RAY_AUTH_MODE=disabled: refusing" in off.stderr
+    empty = _submit([], tmp_path, RAY_AUTH_TOKEN_PATH=str(tmp_path / "missing"))
+    assert empty.returncode == 2 and "no Ray auth token" in empty.stderr
+
+
+def test_submit_goes_on_with_a_token_or_when_told_insecure(tmp_path):
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t" * 32)
+    tok = _submit([], tmp_path)  # ~/.ray/auth_token: on to `ray job submit`, which finds no cluster on :9
+    assert "RAY_AUTH_MODE=token" in tok.stderr and "ray job submit" in tok.stderr and tok.returncode != 2
+    (tmp_path / ".ray" / "auth_token").unlink()
+    insecure = _submit(["--insecure"], tmp_path)
+    assert "--insecure" in insecure.stderr and "RAY_AUTH_MODE=<unset>" in insecure.stderr
+    assert "ray job submit" in insecure.stderr and insecure.returncode != 2
+
+
 # ------------------------------------------------------------------ a real local cluster
 def _free_ports(n: int) -> list[int]:
     socks, ports = [], []

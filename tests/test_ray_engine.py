@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from online_kd.engine import checkpoint as ckpt
 from online_kd.engine.local import LocalEngine, RunOptions
 from online_kd.engine.ray import RayEngine
+from online_kd.engine.raystart import ensure_ray
 from online_kd.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +28,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    ray.init(num_cpus=5, include_dashboard=True, log_to_driver=False)
+    """The instance the engine starts itself (loopback only, token auth), started once for the module."""
+    ensure_ray(5, log_to_driver=False)
     yield
     ray.shutdown()
 

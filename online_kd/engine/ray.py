@@ -3,7 +3,8 @@
 The driver validates, opens the MLflow runs and starts the trainer; workers run
 :func:`online_kd.engine.worker.train_worker`; a controller-side callback turns every rank's
 per-epoch report into progress lines, MLflow metrics and the run directory's history.
-Without an address, ``ray.init()`` starts a local instance: nothing to start by hand.
+Without an address, :func:`~online_kd.engine.raystart.ensure_ray` starts a local instance (loopback only,
+token authentication): nothing to start by hand.
 """
 from __future__ import annotations
 
@@ -20,9 +21,8 @@ from ..topology.validate import check_cluster_resources
 from .checkpoint import atomic_write_text
 from .exchange import placement
 from .local import RunOptions, check_inits
+from .raystart import ensure_ray
 from .report import Reporter
-
-HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def read_history(out: Path) -> list[dict]:
@@ -102,24 +102,12 @@ class RayEngine:
             if p.deepspeed is not None:
                 read_config(name, p.deepspeed.config)
 
-    def _ensure_ray(self, world: int, use_gpu: bool) -> None:
-        import ray
-
-        preset = HEALTH_CHECK_ENV in os.environ  # e.g. by a job's runtime env, which ray.init must not contradict
-        os.environ.setdefault(HEALTH_CHECK_ENV, "0.25")
-        if ray.is_initialized():
-            return
-        env = None if preset else {"env_vars": {HEALTH_CHECK_ENV: os.environ[HEALTH_CHECK_ENV]}}
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(runtime_env=env, log_to_driver=True)
-        else:  # a local instance with a logical CPU per worker, whatever the core count
-            ray.init(num_cpus=max(os.cpu_count() or 1, world + 1), runtime_env=env, log_to_driver=True)
-
     def run(self) -> dict[str, Any]:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train.torch import TorchTrainer
 
         from ..data import dataset_info
+        from .rendezvous import BoundStoreTorchConfig
         from .worker import train_worker
 
         topo, c, opts = self.topology, self.topology.config, self.opt
@@ -141,7 +129,7 @@ class RayEngine:
         if state:
             tracker_file.write_text(json.dumps(state))
 
-        self._ensure_ray(world, use_gpu)
+        ensure_ray(max(os.cpu_count() or 1, world + 1))  # a logical CPU per worker, whatever the core count
         check_cluster_resources(topo)
         threads = c.train.threads or max(1, (os.cpu_count() or 1) // world)
         config = {"raw": topo.raw, "out_dir": str(out), "threads": threads, "use_gpu": use_gpu,
@@ -150,7 +138,7 @@ class RayEngine:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=config,
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=BoundStoreTorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(
                 name="ray", storage_path=str(out / "ray"),

@@ -188,7 +188,7 @@ class EngineConfig(Strict):
     workers_per_peer: int = Field(1, ge=1, le=MAX_REPLICAS)
     resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] = {}
     colocate: list[list[str]] = []
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(2, ge=-1)  # ray engine: restarts of the worker group from its last checkpoint
     report_every: int | None = Field(None, ge=1)
 
 
