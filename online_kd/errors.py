@@ -29,12 +29,18 @@ class TopologyError(ValueError):
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss; names the step, the peer and the term."""
 
-    def __init__(self, epoch: int, step: int, peer: str, term: str, value: float):
+    def __init__(self, epoch: int, step: int, peer: str, term: str, value: float, kept: str | None = None):
         self.epoch, self.step, self.peer, self.term, self.value = epoch, step, peer, term, value
-        super().__init__(
-            f"diverged at epoch {epoch}, step {step}: peer '{peer}', {term} = {value} "
-            "(the last good checkpoint is kept)"
-        )
+        self.kept = kept
+        super().__init__(f"diverged at epoch {epoch}, step {step}: peer '{peer}', {term} = {value}"
+                         + (f" ({kept})" if kept else ""))
+
+    def __reduce__(self):  # picklable (Ray workers send errors back)
+        return type(self), (self.epoch, self.step, self.peer, self.term, self.value, self.kept)
+
+    def keeping(self, kept: str) -> "DivergenceError":
+        """The same error, saying what the run directory holds now (the engine knows, the step does not)."""
+        return DivergenceError(self.epoch, self.step, self.peer, self.term, self.value, kept)
 
 
 def suggest(name: str, choices: Iterable[str], what: str) -> str:

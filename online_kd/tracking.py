@@ -219,6 +219,7 @@ class RunTracker:
         self.child_run_ids: dict[str, str] = {}
         self._client = None
         self._finished = False
+        self._logged: dict[str, dict[str, int]] = {}  # run id -> metric -> last step the store holds (resume)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -267,7 +268,9 @@ class RunTracker:
 
     def _log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
         """log_batch respecting MLflow's per-call limits (one call unless they are exceeded)."""
-        metrics, params, tags = list(metrics), list(params), list(tags)
+        held = self._logged.get(run_id, {})
+        metrics = [m for m in metrics if m.step > held.get(m.key, -1)]  # a resumed run repeats no step
+        params, tags = list(params), list(tags)
         while metrics or params or tags:
             p, params = params[:MAX_PARAMS_TAGS_PER_BATCH], params[MAX_PARAMS_TAGS_PER_BATCH:]
             t, tags = tags[:MAX_PARAMS_TAGS_PER_BATCH], tags[MAX_PARAMS_TAGS_PER_BATCH:]
@@ -364,8 +367,8 @@ class RunTracker:
         """Re-attach to the runs recorded by :meth:`state` and mark them RUNNING again.
 
         Nothing is re-created and params are not re-logged. Metrics logged afterwards append to
-        the same histories; the caller should resume logging from the epoch after the
-        checkpoint (MLflow cannot delete points, so re-logging an epoch duplicates that step).
+        the same histories. MLflow cannot delete points, so the steps each metric already holds
+        are read back and never logged again: a resume that repeats an epoch logs it once.
         """
         tr = cls(
             state["uri"],
@@ -381,7 +384,18 @@ class RunTracker:
         client = tr.client
         for run_id in [tr.parent_run_id, *tr.child_run_ids.values()]:
             client.update_run(run_id, status="RUNNING")
+        tr._logged = tr._last_steps()
         return tr
+
+    def _last_steps(self) -> dict[str, dict[str, int]]:
+        """Run id -> metric -> the last step the store holds: what a resumed run must not log again
+        (a kill can fall between logging an epoch and checkpointing it)."""
+        out: dict[str, dict[str, int]] = {}
+        for run_id in [self.parent_run_id, *self.child_run_ids.values()]:
+            for key in self.client.get_run(run_id).data.metrics:
+                steps = [m.step for m in self.client.get_metric_history(run_id, key)]
+                out.setdefault(run_id, {})[key] = max(steps, default=-1)
+        return out
 
     def log_epoch(self, epoch: int, metrics: dict[str, dict[str, float]]) -> None:
         """Log ``metrics`` (node -> {metric: value}) with ``step=epoch`` on each node's child

@@ -142,11 +142,28 @@ def test_divergence_stops_with_step_peer_and_edge_and_keeps_last_good_checkpoint
     e = err.value
     assert (e.epoch, e.peer, e.term) == (2, "a", "edge/test_nan_after_from_b")
     assert "diverged at epoch 2" in str(e) and "peer 'a'" in str(e)
+    assert f"the last good checkpoint is kept: {tmp_path / 'nan' / 'checkpoints' / 'epoch-0001'}, after epoch 1" in str(e)
     last = ckpt.latest_checkpoint(tmp_path / "nan" / "checkpoints")
     assert last.name == "epoch-0001"  # the last good epoch, whole
     state = ckpt.load(last / ckpt.ENGINE_FILE)
     assert state["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt.load(last / "peer_a.pt")["model"].values() if v.is_floating_point())
+
+
+def test_divergence_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, capsys):
+    from online_kd.cli import main
+
+    topo = quick("dml", **{"train.epochs": 2, "train.max_steps_per_epoch": 3})
+    raw = dict(topo.raw)
+    raw["edges"] = [{"from": "b", "to": "a", "loss": "test_nan_after", "at_step": 1}]
+    (tmp_path / "nan.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["run", str(tmp_path / "nan.yaml"), "--out", str(tmp_path / "nan"), "--no-tracking", "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
+    assert "diverged at epoch 0" in line and "no checkpoint was written before it diverged" in line
+    assert "last good checkpoint" not in line
+    assert not ckpt.epoch_dirs(tmp_path / "nan" / "checkpoints")
 
 
 def test_checkpoint_write_is_atomic(tmp_path):

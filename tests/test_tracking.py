@@ -177,6 +177,25 @@ def test_resume_continues_same_runs(tmp_path):
     assert client.get_run(tr.parent_run_id).data.params == {"epochs": "4"}
 
 
+def test_resume_never_logs_a_step_the_store_already_holds(tmp_path):
+    """A kill between logging an epoch and checkpointing it: the resumed run logs that epoch again."""
+    uri = sqlite_uri(tmp_path)
+    tr = RunTracker(uri, "exp", "killed")
+    tr.start({"a": {}, "b": {}}, {})
+    for e in range(2):
+        tr.log_epoch(e, {"a": {"top1": float(e), "loss": 1.0 - e / 10}, "b": {"top1": 50.0 + e}})
+    tr.log_epoch(2, {"a": {"top1": 2.0}})  # killed part-way: a's epoch 2 top1 logged, a's loss and b's not
+    state = tr.state()
+    tr2 = RunTracker.resume(state)  # the checkpoint held epochs 0 and 1: epoch 2 runs again
+    for e in range(2, 4):
+        tr2.log_epoch(e, {"a": {"top1": float(e), "loss": 1.0 - e / 10}, "b": {"top1": 50.0 + e}})
+    tr2.finish()
+    client = MlflowClient(tracking_uri=uri)
+    assert history(client, state["child_run_ids"]["a"], "top1") == [(e, float(e)) for e in range(4)]
+    assert history(client, state["child_run_ids"]["a"], "loss") == [(e, 1.0 - e / 10) for e in range(4)]
+    assert history(client, state["child_run_ids"]["b"], "top1") == [(e, 50.0 + e) for e in range(4)]
+
+
 def test_resume_after_finish_sets_running(tmp_path):
     uri = sqlite_uri(tmp_path)
     tr = RunTracker(uri, "exp", "r")

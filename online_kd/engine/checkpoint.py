@@ -3,18 +3,50 @@
 A checkpoint directory is written under a temporary name and renamed into place; the
 ``latest`` pointer is replaced atomically afterwards, so a crash at any moment leaves the
 previous checkpoint whole. Files are read back with ``torch.load(weights_only=True)``.
+
+The checkpoint is an epoch's commit point: its engine state holds the history, from which a
+resume derives ``metrics.jsonl`` again (see :mod:`online_kd.engine.record`). A resume takes the
+newest intact epoch directory, saying so when a newer one is damaged.
+``ONLINE_KD_FAULT=<point>`` kills the process at a named point of the write path (tests).
 """
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from ..errors import TopologyError, one_line
+
 ENGINE_FILE = "engine.pt"
+FAULT_ENV = "ONLINE_KD_FAULT"
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process here when ``$ONLINE_KD_FAULT`` is ``name`` (first time reached) or
+    ``name:N`` (N-th time): the kill-at-each-write-point tests."""
+    want = os.environ.get(FAULT_ENV)
+    if not want or want.partition(":")[0] != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] == int(want.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint file that cannot be read back (missing, truncated, zeroed)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} is damaged ({reason})")
 
 
 def peer_file(peer: str) -> str:
@@ -64,6 +96,28 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def load_checked(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """:func:`load`, raising DamagedCheckpoint for an unreadable file and a one-line TopologyError
+    (exit 2, never a fallback) for a file that weights_only refuses: a pickle that would run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedCheckpoint(path, "missing")
+    try:
+        return load(path, map_location)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise TopologyError(str(path), "refused by a weights_only load: the file holds code or objects, "
+                                           "not only tensors and plain values; it is not loaded") from None
+        raise DamagedCheckpoint(path, _reason(err)) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise DamagedCheckpoint(path, _reason(err)) from None
+
+
+def _reason(err: BaseException) -> str:
+    text = one_line(err).split(". ")[0]
+    return text[:100] + ("…" if len(text) > 100 else "")
+
+
 def write_checkpoint(root: str | os.PathLike, epoch: int, files: Mapping[str, Any], keep: int = 2) -> Path:
     """Write ``files`` (name → object) as checkpoint ``epoch-NNNN`` under ``root`` and point ``latest`` at it."""
     root = Path(root)
@@ -78,12 +132,15 @@ def write_checkpoint(root: str | os.PathLike, epoch: int, files: Mapping[str, An
                 os.fsync(f.fileno())
         if final.exists():
             shutil.rmtree(final)
+        fault_point("checkpoint-files")
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(root)
+    fault_point("checkpoint-renamed")
     atomic_write_text(final.name, root / "latest")
+    fault_point("checkpoint-latest")
     old = sorted(p for p in root.glob("epoch-*") if p.is_dir() and p != final)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
@@ -91,12 +148,56 @@ def write_checkpoint(root: str | os.PathLike, epoch: int, files: Mapping[str, An
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The directory ``latest`` points at, or None when no checkpoint was completed."""
-    pointer = Path(root) / "latest"
+    """The directory ``latest`` points at, or None when no checkpoint was completed.
+
+    The pointer must name a directory inside the run directory (``root``'s parent); anything
+    else is refused with a one-line error rather than followed."""
+    root = Path(root)
+    pointer = root / "latest"
     if not pointer.is_file():
         return None
-    path = Path(root) / pointer.read_text().strip()
+    text = pointer.read_text().strip()
+    path = (root / text).resolve()
+    if not text or not path.is_relative_to(root.resolve().parent):
+        raise TopologyError(str(pointer), f"points outside the run directory ('{text[:200]}'); "
+                                          "refusing to follow it (delete it to resume from the epoch directories)")
     return path if path.is_dir() else None
+
+
+def epoch_dirs(root: str | os.PathLike) -> list[Path]:
+    """The completed ``epoch-NNNN`` directories under ``root``, newest first."""
+    return sorted((p for p in Path(root).glob("epoch-[0-9]*") if p.is_dir()), reverse=True)
+
+
+def newest_intact(root: str | os.PathLike, names: list[str], map_location: str | torch.device = "cpu",
+                  say=print) -> tuple[Path | None, dict[str, Any]]:
+    """(directory, name → loaded object) of the newest epoch directory whose files all load.
+
+    A damaged newer one is reported through ``say`` in one line; when every one is damaged,
+    TopologyError (exit 2) names the newest damaged file. (None, {}) when there is no checkpoint."""
+    latest_checkpoint(root)  # a pointer out of the run directory is refused even though it is not followed
+    damaged: list[DamagedCheckpoint] = []
+    for d in epoch_dirs(root):
+        try:
+            files = {n: load_checked(d / n, map_location) for n in names}
+        except DamagedCheckpoint as err:
+            damaged.append(err)
+            continue
+        if damaged:
+            say(f"checkpoint file {damaged[0].path} is damaged ({damaged[0].reason}); "
+                f"resuming from the newest intact checkpoint, {d}")
+        return d, files
+    if damaged:
+        raise TopologyError("--resume", f"checkpoint file {damaged[0].path} is damaged ({damaged[0].reason}) "
+                                        "and no older checkpoint is intact")
+    return None, {}
+
+
+def describe_kept(path: Path | None, next_epoch: int | None) -> str:
+    """What a diverged run leaves to resume from, in words for its error line."""
+    if path is None:
+        return "no checkpoint was written before it diverged: nothing to resume, a new run starts from epoch 0"
+    return f"the last good checkpoint is kept: {path}, after epoch {next_epoch - 1}"
 
 
 def load_init(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import TopologyError
+from ..errors import DivergenceError, TopologyError
 from ..topology.graph import Topology
 from . import checkpoint as ckpt
 from .report import Reporter
@@ -120,9 +120,12 @@ class LocalEngine:
             (self.opt.out_dir / "steps").mkdir(parents=True, exist_ok=True)
             rt.step_log = open(self.opt.out_dir / "steps" / "local.jsonl", "a")
         ckpt_root = self.opt.out_dir / "checkpoints"
-        state = self._resume(rt, ckpt_root) if self.opt.resume else None
+        notes: list[str] = []
+        state = self._resume(rt, ckpt_root, notes.append) if self.opt.resume else None
         reporter = Reporter(topo, self.opt, history=state["history"] if state else [],
                             tracker_state=state.get("tracker") if state else None)
+        for note in notes:
+            reporter.notice(note)
         start_epoch = state["epoch"] if state else 0
         total = topo.total_epochs
         steps_per_epoch = min(len(train), c.train.max_steps_per_epoch or len(train))
@@ -174,6 +177,9 @@ class LocalEngine:
                     return reporter.summary(finished=False)
         except BaseException as err:
             reporter.failed(err)
+            if isinstance(err, DivergenceError):
+                last = ckpt.latest_checkpoint(ckpt_root)
+                raise err.keeping(ckpt.describe_kept(last, int(last.name.split("-")[1]) + 1 if last else None)) from None
             raise
         return reporter.finish()
 
@@ -201,17 +207,19 @@ class LocalEngine:
         }
         return files
 
-    def _resume(self, rt: Runtime, root: Path) -> dict[str, Any] | None:
-        path = ckpt.latest_checkpoint(root)
+    def _resume(self, rt: Runtime, root: Path, say) -> dict[str, Any] | None:
+        """Restore the newest intact checkpoint (None: there is none, the run starts from epoch 0)."""
+        names = [ckpt.ENGINE_FILE, *(ckpt.peer_file(n) for n in rt.peers)]
+        path, files = ckpt.newest_intact(root, names, map_location=rt.device, say=say)
         if path is None:
-            raise TopologyError("--resume", f"no checkpoint under {root} to resume from")
-        state = ckpt.load(path / ckpt.ENGINE_FILE)
+            say(f"--resume: no checkpoint under {root} (stopped before its first epoch ended); starting from epoch 0")
+            return None
+        state = files[ckpt.ENGINE_FILE]
         for name, peer in rt.peers.items():
-            peer.load_state(ckpt.load(path / ckpt.peer_file(name), map_location=rt.device))
+            peer.load_state(files[ckpt.peer_file(name)])
         for name, sd in state["combiners"].items():
             rt.combiners[name].load_state_dict(sd)
         rt.global_step = state["global_step"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         return state
-

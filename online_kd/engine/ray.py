@@ -18,23 +18,13 @@ from ray.train import UserCallback
 from ..errors import DivergenceError, TopologyError
 from ..topology.graph import Topology
 from ..topology.validate import check_cluster_resources
-from .checkpoint import atomic_write_text
+from . import ray_checkpoint
+from .checkpoint import atomic_write_text, fault_point
 from .exchange import placement
 from .local import RunOptions, check_inits
 from .raystart import ensure_ray
+from .record import epoch_record, merge_reports, read_history
 from .report import Reporter
-
-
-def read_history(out: Path) -> list[dict]:
-    """Per-epoch records of a run directory, one per epoch (a re-reported epoch keeps its last record)."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    by_epoch = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        by_epoch[rec["epoch"]] = rec
-    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def _options_dict(opts: RunOptions) -> dict:
@@ -62,18 +52,17 @@ class EpochReports(UserCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         rep = self._get_reporter()
-        epoch = metrics[0]["epoch"]
-        if checkpoint is not None:
+        records = None
+        if checkpoint is not None:  # Ray has committed it: its history is the truth, the records follow it
+            fault_point("ray-reported")
             atomic_write_text(str(checkpoint.path), rep.out / "checkpoints" / "latest")
-        if any(h["epoch"] == epoch for h in rep.history):
-            return  # re-run after a restart: already logged once
-        train: dict[str, dict] = {}
-        evals: dict[str, dict] = {}
-        for m in metrics:
-            train.update(m.get("train", {}))
-            evals.update(m.get("eval", {}))
-        stage = next(s for s in rep.topology.stages if s.name == metrics[0]["stage"])
-        rep.epoch_done(epoch, stage, train, evals, max(m["seconds"] for m in metrics))
+            records = ray_checkpoint.committed_history(checkpoint)
+        if records is None:
+            records = [epoch_record(rep.topology.nodes, rep.history, *merge_reports(metrics))]
+        logged = {h["epoch"] for h in rep.history}
+        for record in records:  # epochs a killed controller committed but never logged, then this one
+            if record["epoch"] not in logged:  # a re-run after a restart is logged once
+                rep.log_record(record)
 
 
 class RayEngine:
@@ -121,10 +110,13 @@ class RayEngine:
         out = Path(opts.out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         tracker_file = out / "tracker.json"
-        history = read_history(out) if opts.resume else []
+        notes: list[str] = []
+        history = self._resume(out, notes.append) if opts.resume else []
         tracker_state = json.loads(tracker_file.read_text()) if opts.resume and tracker_file.is_file() else None
         reporter = Reporter(topo, opts, history=history, tracker_state=tracker_state)
         reporter.start(None, 0, history[-1]["epoch"] + 1 if history else 0)
+        for note in notes:
+            reporter.notice(note)
         state = reporter.tracker_state()
         if state:
             tracker_file.write_text(json.dumps(state))
@@ -151,19 +143,30 @@ class RayEngine:
             result = trainer.fit()
         except Exception as err:
             reporter.failed(err)
-            raise _translate(err) from None
+            raise _translate(err, out) from None
         if result.error is not None:
             reporter.failed(result.error)
-            raise _translate(result.error) from None
+            raise _translate(result.error, out) from None
         reporter.history = read_history(out)
         if reporter.history and reporter.history[-1]["epoch"] + 1 < topo.total_epochs:
             reporter.stopped(reporter.history[-1]["epoch"] + 1)
             return reporter.summary(finished=False)
         return reporter.finish()
 
+    @staticmethod
+    def _resume(out: Path, say) -> list[dict]:
+        """The history of the checkpoint Ray Train restores from ([] and a note when there is none)."""
+        directory, state = ray_checkpoint.restore_point(out, say)
+        if directory is None:
+            say(f"--resume: no checkpoint under {ray_checkpoint.storage(out)} (stopped before its first epoch "
+                "ended); starting from epoch 0")
+            return []
+        return state.get("history", [])
 
-def _translate(err: BaseException) -> BaseException:
-    """A worker's DivergenceError comes back wrapped by Ray: unwrap it so the CLI reports it plainly."""
+
+def _translate(err: BaseException, out: Path) -> BaseException:
+    """A worker's DivergenceError comes back wrapped by Ray: unwrap it so the CLI reports it plainly,
+    saying which checkpoint the run keeps."""
     seen = set()
     todo = [err]
     while todo:
@@ -172,10 +175,10 @@ def _translate(err: BaseException) -> BaseException:
             continue
         seen.add(id(e))
         if isinstance(e, DivergenceError):
-            return e
+            return e.keeping(ray_checkpoint.kept_words(out))
         todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
     text = str(err)
     if "DivergenceError" in text:
         line = next((ln for ln in text.splitlines() if "diverged at" in ln), text)
-        return RuntimeError(line.split("DivergenceError:")[-1].strip())
+        return RuntimeError(f"{line.split('DivergenceError:')[-1].strip()} ({ray_checkpoint.kept_words(out)})")
     return err

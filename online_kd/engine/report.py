@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..topology.graph import Stage, Topology
+from .checkpoint import fault_point
+from .record import append_record, best, epoch_record, write_history
 
 
 def roles(topology: Topology) -> dict[str, str]:
@@ -67,6 +69,7 @@ class Reporter:
     def start(self, info, steps_per_epoch: int, start_epoch: int) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "topology.yaml").write_text(self.topology.to_yaml())
+        write_history(self.out, self.history)  # derived from the checkpoint: a resume drops epochs it does not hold
         graph = self._draw_graph()
         self.steps_per_epoch = steps_per_epoch
         if self.opt.tracking and self.topology.config.tracking.enabled:
@@ -87,6 +90,10 @@ class Reporter:
             from ..tracking import RunTracker
 
             self.tracker = RunTracker.resume(self._tracker_state)
+
+    def notice(self, text: str) -> None:
+        """A one-line notice shown even with --quiet (a resume that falls back or starts over)."""
+        print(text, file=sys.stderr, flush=True)
 
     def _draw_graph(self) -> Path | None:
         try:
@@ -161,34 +168,28 @@ class Reporter:
             self.progress.advance(self._task)
 
     def epoch_done(self, epoch: int, stage: Stage, train: dict, evals: dict, seconds: float) -> None:
-        nodes: dict[str, dict[str, float]] = {}
-        for node in [n for n in self.topology.nodes if n in train or n in evals]:
-            nodes[node] = {**train.get(node, {}), **evals.get(node, {})}
-        for node, m in nodes.items():
-            if "top1" in m:
-                prev = self.best(node)
-                m["best_top1"] = max(m["top1"], prev[0]) if prev else m["top1"]
-        self.history.append({"epoch": epoch, "stage": stage.name, "seconds": seconds, "nodes": nodes})
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(self.history[-1]) + "\n")
+        self.log_record(epoch_record(self.topology.nodes, self.history, epoch, stage.name, train, evals, seconds))
+
+    def log_record(self, record: dict) -> None:
+        """Add an epoch's record: history, metrics.jsonl, MLflow, the on_epoch hook and the console line."""
+        epoch, nodes = record["epoch"], record["nodes"]
+        self.history.append(record)
+        append_record(self.out, record)
+        fault_point("metrics-line")
         if self.tracker:
             self.tracker.log_epoch(epoch, nodes)
         if self.opt.on_epoch is not None:
             self.opt.on_epoch(epoch, nodes)  # e.g. a Tune trial reporting to its scheduler
+        fault_point("epoch-logged")
         accs = " · ".join(f"{n} {m['top1']:.1f}%" for n, m in nodes.items() if "top1" in m)
         losses = " · ".join(f"{n} loss {m['loss']:.3f}" for n, m in nodes.items() if "loss" in m)
         self.console.print(f"epoch {epoch + 1}/{self.topology.total_epochs}"
-                           + (escape(f" [{stage.name}]") if len(self.topology.stages) > 1 else "")
-                           + f"  {accs or losses}  ({seconds:.1f}s)")
+                           + (escape(f" [{record['stage']}]") if len(self.topology.stages) > 1 else "")
+                           + f"  {accs or losses}  ({record['seconds']:.1f}s)")
 
     def best(self, node: str) -> tuple[float, int] | None:
         """(best top-1, its epoch) so far."""
-        best = None
-        for h in self.history:
-            m = h["nodes"].get(node, {})
-            if "top1" in m and (best is None or m["top1"] > best[0]):
-                best = (m["top1"], h["epoch"])
-        return best
+        return best(self.history, node)
 
     # ------------------------------------------------------------------ end
     def summary(self, finished: bool = True) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from . import checkpoint as ckpt
 from . import zero
 from .exchange import Exchange, exchange_dtype, placement
 from .local import seed_everything, stage_at
+from .record import epoch_record, merge_reports
 from .step import Runtime, topk_correct
 
 
@@ -107,7 +108,7 @@ def train_worker(config: dict) -> None:
     profile = config.get("profile")
     timings = {"compute": [], "wait": [], "exchange": []}
 
-    start_epoch = 0
+    start_epoch, history = 0, []
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
@@ -119,7 +120,7 @@ def train_worker(config: dict) -> None:
             state = ckpt.load(Path(d) / ckpt.ENGINE_FILE)
         for name, sd in state["combiners"].items():
             rt.combiners[name].load_state_dict(sd)
-        rt.global_step, start_epoch = state["global_step"], state["epoch"]
+        rt.global_step, start_epoch, history = state["global_step"], state["epoch"], state.get("history", [])
 
     total = topo.total_epochs
     steps_per_epoch = min(len(train), c.train.max_steps_per_epoch or len(train))
@@ -179,6 +180,9 @@ def train_worker(config: dict) -> None:
         evals = _evaluate(rt, test, me) if (epoch + 1) % c.train.eval_every == 0 or last else {}
         metrics = {"epoch": epoch, "stage": stage.name, "seconds": time.perf_counter() - t_epoch, "rank": rank,
                    "train": train_metrics if me.replica == 0 else {}, "eval": evals}
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, metrics)  # rank 0's checkpoint commits the epoch's record with its state
+        history.append(epoch_record(topo.nodes, history, *merge_reports(reports)))
         with tempfile.TemporaryDirectory() as d:
             for name, peer in rt.peers.items():
                 if me.replica == 0:
@@ -186,7 +190,7 @@ def train_worker(config: dict) -> None:
                 if peer.ds is not None:  # each replica holds its own ZeRO partition of the optimizer
                     torch.save(_zero_state(peer), Path(d) / _zero_file(name, me.replica))
             if rank == 0:
-                torch.save({"epoch": epoch + 1, "global_step": rt.global_step,
+                torch.save({"epoch": epoch + 1, "global_step": rt.global_step, "history": history,
                             "combiners": {n: m.state_dict() for n, m in rt.combiners.items()}},
                            Path(d) / ckpt.ENGINE_FILE)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if any(Path(d).iterdir()) else None)

@@ -1,0 +1,75 @@
+"""Per-epoch records and the files derived from them.
+
+The checkpoint is an epoch's commit point and its engine state holds the history (one record
+per epoch). ``metrics.jsonl`` and the MLflow metrics are derived: a resume rewrites
+``metrics.jsonl`` from the checkpoint's history and MLflow skips the steps it already holds
+(:meth:`online_kd.tracking.RunTracker.resume`), so a kill at any point of the write path
+neither repeats nor loses an epoch. Both engines build records with :func:`epoch_record`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def best(history: list[dict], node: str) -> tuple[float, int] | None:
+    """(best top-1, its epoch) of ``node`` over ``history``."""
+    out = None
+    for h in history:
+        m = h["nodes"].get(node, {})
+        if "top1" in m and (out is None or m["top1"] > out[0]):
+            out = (m["top1"], h["epoch"])
+    return out
+
+
+def epoch_record(nodes_order: list[str], history: list[dict], epoch: int, stage: str, train: dict, evals: dict,
+                 seconds: float) -> dict[str, Any]:
+    """The record of ``epoch``: each node's train and eval metrics, with its best top-1 so far."""
+    nodes: dict[str, dict[str, float]] = {}
+    for node in [n for n in nodes_order if n in train or n in evals]:
+        nodes[node] = {**train.get(node, {}), **evals.get(node, {})}
+    for node, m in nodes.items():
+        if "top1" in m:
+            prev = best(history, node)
+            m["best_top1"] = max(m["top1"], prev[0]) if prev else m["top1"]
+    return {"epoch": epoch, "stage": stage, "seconds": seconds, "nodes": nodes}
+
+
+def merge_reports(metrics: list[dict]) -> tuple[int, str, dict, dict, float]:
+    """(epoch, stage, train, evals, seconds) of one epoch from every ray rank's report."""
+    train: dict[str, dict] = {}
+    evals: dict[str, dict] = {}
+    for m in metrics:
+        train.update(m.get("train", {}))
+        evals.update(m.get("eval", {}))
+    return metrics[0]["epoch"], metrics[0]["stage"], train, evals, max(m["seconds"] for m in metrics)
+
+
+def read_history(out: Path) -> list[dict]:
+    """Per-epoch records of a run directory's metrics.jsonl, one per epoch (a repeated epoch keeps its last)."""
+    path = Path(out) / METRICS_FILE
+    if not path.is_file():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def write_history(out: Path, history: list[dict]) -> None:
+    """Replace metrics.jsonl atomically by ``history`` (a resume's reconciliation with the checkpoint)."""
+    atomic_write_text("".join(json.dumps(h) + "\n" for h in history), Path(out) / METRICS_FILE)
+
+
+def append_record(out: Path, record: dict) -> None:
+    with open(Path(out) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
