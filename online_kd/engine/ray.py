@@ -12,76 +12,63 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ray.train import UserCallback
+import torch
 
 from ..errors import DivergenceError, TopologyError
+from ..registry import register_engine
 from ..topology.graph import Topology
-from .checkpoint import atomic_write_text
+from .base import Engine, Resources
 from .exchange import placement
-from .local import RunOptions, check_inits
+from .options import check_inits
 from .report import Reporter
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
-def read_history(out: Path) -> list[dict]:
-    """Per-epoch records of a run directory, one per epoch (a re-reported epoch keeps its last record)."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    by_epoch = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        by_epoch[rec["epoch"]] = rec
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def _options_dict(opts: RunOptions) -> dict:
-    return {"out_dir": str(Path(opts.out_dir).resolve()), "tracking": opts.tracking, "quiet": opts.quiet,
-            "tracking_uri": opts.tracking_uri}
-
-
-class EpochReports(UserCallback):
-    """Controller-side: merges every rank's epoch report and logs it once (MLflow, history, progress)."""
-
-    def __init__(self, raw: dict, options: dict, tracker_state: dict | None):
-        self.raw, self.options, self.tracker_state = raw, options, tracker_state
-        self._reporter = None
-
-    def _get_reporter(self) -> Reporter:
-        if self._reporter is None:
-            from ..topology import load_topology
-
-            topo = load_topology(self.raw, check=False)
-            opts = RunOptions(out_dir=Path(self.options["out_dir"]), tracking=self.options["tracking"],
-                              quiet=self.options["quiet"], tracking_uri=self.options["tracking_uri"])
-            self._reporter = Reporter(topo, opts, history=read_history(opts.out_dir), tracker_state=self.tracker_state)
-            self._reporter.attach()
-        return self._reporter
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        rep = self._get_reporter()
-        epoch = metrics[0]["epoch"]
-        if checkpoint is not None:
-            atomic_write_text(str(checkpoint.path), rep.out / "checkpoints" / "latest")
-        if any(h["epoch"] == epoch for h in rep.history):
-            return  # re-run after a restart: already logged once
-        train: dict[str, dict] = {}
-        evals: dict[str, dict] = {}
-        for m in metrics:
-            train.update(m.get("train", {}))
-            evals.update(m.get("eval", {}))
-        stage = next(s for s in rep.topology.stages if s.name == metrics[0]["stage"])
-        rep.epoch_done(epoch, stage, train, evals, max(m["seconds"] for m in metrics))
-
-
-class RayEngine:
+@register_engine("ray")
+class RayEngine(Engine):
     """Runs a topology with each peer (replica) as a Ray Train worker exchanging taps over torch.distributed."""
 
-    def __init__(self, topology: Topology, options: RunOptions):
-        self.topology, self.opt = topology, options
+    epochs_in_process = False  # the controller-side callback writes the epochs (metrics.jsonl)
+
+    @classmethod
+    def check(cls, topology: Topology) -> None:
+        from ..losses import LOSSES
+
+        c = topology.config
+        producers = topology.producers
+        if producers:
+            raise TopologyError(f"{producers[0].origin}.kind", f"'{producers[0].kind}' stages run on the local engine "
+                                                               "only (set engine.name: local)")
+        colocated = {p: i for i, group in enumerate(c.engine.colocate) for p in group}
+        for e in topology.edges:
+            # a loss that reads the source network itself needs its source and target in one worker
+            if not LOSSES[e.loss].needs_source_model or e.source == e.target or topology.kind(e.source) != "peer":
+                continue
+            if e.source not in colocated or colocated[e.source] != colocated.get(e.target):
+                raise TopologyError(f"{e.origin}.loss", f"loss '{e.loss}' reads the network of '{e.source}' itself: on "
+                                                        f"the ray engine put '{e.source}' and '{e.target}' in one worker "
+                                                        f"(engine.colocate: [[{e.source}, {e.target}]])")
+        for e in topology.edges:
+            # replicas each see a shard of the batch: a loss relating a batch's samples would relate only a shard's
+            if not LOSSES[e.loss].relates_samples:
+                continue
+            for p in (e.target, *sorted(topology.peer_sources(e.source))):
+                if c.peers[p].replicas > 1:
+                    raise TopologyError(f"peers.{p}.replicas", f"{c.peers[p].replicas} replicas would each relate only "
+                                                               f"their shard of the batch in loss '{e.loss}' ({e.origin}, "
+                                                               f"{e.source}→{e.target}), which relates a batch's "
+                                                               f"samples to each other: use replicas: 1 for its peers")
+
+    @classmethod
+    def resources(cls, topology: Topology) -> Resources:
+        """The driver (a trial actor) on one CPU, and the resources of a worker per peer replica."""
+        c = topology.config
+        cpu_per_worker = float(dict(c.engine.resources_per_worker).get("CPU", 1))
+        return Resources({"CPU": 1}, len(placement(topology)) * cpu_per_worker + 1)
 
     def _check(self) -> None:
+        """What the ray engine checks when it starts: replica counts, colocated DeepSpeed peers, ZeRO configs."""
         c = self.topology.config
         counts = {p.replicas for p in c.peers.values()}
         if len(counts) > 1:
@@ -119,20 +106,26 @@ class RayEngine:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from ..data import dataset_info
+        from ..rundir import RunDir
+        from .ray_reports import EpochReports, options_dict
         from .worker import train_worker
 
         topo, c, opts = self.topology, self.topology.config, self.opt
         check_inits(topo)
         self._check()
-        dataset_info(c.data)
+        from ..topology.plan import build_plan
+
+        with torch.random.fork_rng(devices=[]):
+            plan = build_plan(topo, dataset_info(c.data))  # the dry forward, once for every worker
         workers = placement(topo)
         world = len(workers)
         resources = dict(c.engine.resources_per_worker) or {"CPU": 1}
         use_gpu = resources.get("GPU", 0) > 0
         out = Path(opts.out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        tracker_file = out / "tracker.json"
-        history = read_history(out) if opts.resume else []
+        run = RunDir(out)
+        tracker_file = run.tracker
+        history = run.history() if opts.resume else []
         tracker_state = json.loads(tracker_file.read_text()) if opts.resume and tracker_file.is_file() else None
         reporter = Reporter(topo, opts, history=history, tracker_state=tracker_state)
         reporter.start(None, 0, history[-1]["epoch"] + 1 if history else 0)
@@ -142,7 +135,7 @@ class RayEngine:
 
         self._ensure_ray(world, use_gpu)
         threads = c.train.threads or max(1, (os.cpu_count() or 1) // world)
-        config = {"raw": topo.raw, "out_dir": str(out), "threads": threads, "use_gpu": use_gpu,
+        config = {"raw": topo.raw, "plan": plan, "out_dir": str(out), "threads": threads, "use_gpu": use_gpu,
                   "record_steps": opts.record_steps, "profile": opts.profile,
                   "stop_after_epochs": opts.stop_after_epochs}
         trainer = TorchTrainer(
@@ -154,7 +147,7 @@ class RayEngine:
                 name="ray", storage_path=str(out / "ray"),
                 failure_config=FailureConfig(max_failures=c.engine.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                callbacks=[EpochReports(topo.raw, _options_dict(opts), state)],
+                callbacks=[EpochReports(topo.raw, options_dict(opts), state)],
             ),
         )
         try:
@@ -165,7 +158,7 @@ class RayEngine:
         if result.error is not None:
             reporter.failed(result.error)
             raise _translate(result.error) from None
-        reporter.history = read_history(out)
+        reporter.history = run.history()
         if reporter.history and reporter.history[-1]["epoch"] + 1 < topo.total_epochs:
             reporter.stopped(reporter.history[-1]["epoch"] + 1)
             return reporter.summary(finished=False)

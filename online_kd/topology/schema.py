@@ -178,12 +178,10 @@ class StageConfig(Open):
 
 
 class EngineConfig(Strict):
-    name: Literal["local", "ray"] = "local"
-    workers_per_peer: int = Field(1, ge=1)
+    name: str = "local"  # a registered engine (online_kd.registry.ENGINES)
     resources_per_worker: dict[str, float] = {}
     colocate: list[list[str]] = []
     max_failures: int = Field(0, ge=-1)
-    report_every: int | None = Field(None, ge=1)
 
 
 class TrackingConfig(Strict):
