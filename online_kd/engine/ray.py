@@ -46,19 +46,20 @@ class RayEngine(Engine):
             if not LOSSES[e.loss].needs_source_model or e.source == e.target or topology.kind(e.source) != "peer":
                 continue
             if e.source not in colocated or colocated[e.source] != colocated.get(e.target):
-                raise TopologyError(f"{e.origin}.loss", f"loss '{e.loss}' reads the network of '{e.source}' itself: on "
-                                                        f"the ray engine put '{e.source}' and '{e.target}' in one worker "
-                                                        f"(engine.colocate: [[{e.source}, {e.target}]])")
+                raise TopologyError(f"{e.origin}.loss",
+                                    f"loss '{e.loss}' reads the network of '{e.source}' itself: on the ray engine put "
+                                    f"'{e.source}' and '{e.target}' in one worker "
+                                    f"(engine.colocate: [[{e.source}, {e.target}]])")
         for e in topology.edges:
             # replicas each see a shard of the batch: a loss relating a batch's samples would relate only a shard's
             if not LOSSES[e.loss].relates_samples:
                 continue
             for p in (e.target, *sorted(topology.peer_sources(e.source))):
                 if c.peers[p].replicas > 1:
-                    raise TopologyError(f"peers.{p}.replicas", f"{c.peers[p].replicas} replicas would each relate only "
-                                                               f"their shard of the batch in loss '{e.loss}' ({e.origin}, "
-                                                               f"{e.source}→{e.target}), which relates a batch's "
-                                                               f"samples to each other: use replicas: 1 for its peers")
+                    raise TopologyError(f"peers.{p}.replicas",
+                                        f"{c.peers[p].replicas} replicas would each relate only their shard of the "
+                                        f"batch in loss '{e.loss}' ({e.origin}, {e.source}→{e.target}), which relates "
+                                        f"a batch's samples to each other: use replicas: 1 for its peers")
 
     @classmethod
     def resources(cls, topology: Topology) -> Resources:
