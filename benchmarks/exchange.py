@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from online_kd.engine.local import RunOptions
+from online_kd.engine.options import RunOptions
 from online_kd.engine.ray import RayEngine
 from online_kd.topology import load_topology
 

@@ -121,7 +121,7 @@ def measure(spec: dict) -> dict:
     import torch
 
     from online_kd.data import BatchStream, build_data
-    from online_kd.engine.step import Runtime, resolve_device
+    from online_kd.engine.runtime import Runtime, resolve_device
     from online_kd.topology import load_topology
     from online_kd.topology.load import read_yaml
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from online_kd.data import BatchStream, build_data
-from online_kd.engine.step import Runtime
+from online_kd.engine.runtime import Runtime
 from online_kd.topology import load_topology
 
 CASES = {

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from online_kd.engine.local import LocalEngine, RunOptions
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
 from online_kd.topology import load_topology
 
 QUICK = Path(__file__).resolve().parents[1] / "topologies" / "quick"

@@ -14,7 +14,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from online_kd.engine.local import LocalEngine, RunOptions
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
 from online_kd.engine.ray import RayEngine
 from online_kd.topology import load_topology
 

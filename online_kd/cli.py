@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import DivergenceError, TopologyError
+from .rundir import RunDir
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -101,18 +102,15 @@ def cmd_plan(args) -> int:
 
 def wire_routes(topo, plan, stage: str) -> list[tuple]:
     """(transfer, route, bytes that cross workers) per planned transfer of ``stage`` on the ray engine
-    (replica 0): colocated peers pass taps by reference, and a tap goes to a worker once."""
-    home = {(p, w["replica"]): w["worker"] for w in placement(topo) for p in w["peers"]}
-    sent, out = set(), []
-    for tr in (x for x in plan.transfers if x.stage == stage):
-        src, dst = home[(tr.source, 0)], home[(tr.target, 0)]
-        if src == dst:
-            out.append((tr, "same worker (no copy)", 0))
-        elif (tr.source, tr.tap, dst) in sent:
-            out.append((tr, f"{src} → {dst} (already sent)", 0))
-        else:
-            sent.add((tr.source, tr.tap, dst))
+    (replica 0), as the exchange routes them."""
+    from .engine.exchange import placement as workers, stage_routes
+
+    out = []
+    for tr, src, dst, route in stage_routes(plan, workers(topo), stage):
+        if route is not None:
             out.append((tr, f"{src} → {dst}", tr.bytes_per_step))
+        else:
+            out.append((tr, "same worker (no copy)" if src == dst else f"{src} → {dst} (already sent)", 0))
     return out
 
 
@@ -131,7 +129,7 @@ def placement(topo) -> list[dict]:
 def _default_out(topo, resume: bool) -> Path:
     base = Path("runs")
     if resume:
-        found = sorted((p for p in base.glob(f"{topo.name}-*") if (p / "checkpoints" / "latest").is_file()),
+        found = sorted((p for p in base.glob(f"{topo.name}-*") if RunDir(p).has_checkpoint()),
                        key=lambda p: p.stat().st_mtime)
         if not found:
             raise TopologyError("--resume", f"no earlier run of '{topo.name}' under {base.resolve()} (name one with --out)")
@@ -153,13 +151,13 @@ def _overrides_tag(args, **more) -> dict[str, str]:
 
 def cmd_run(args) -> int:
     from .engine import get_engine
-    from .engine.local import RunOptions
+    from .engine.options import RunOptions
 
     if args.seeds is not None:
         return run_seeds(args)
     topo = _load(args)
     out = Path(args.out) if args.out else _default_out(topo, args.resume)
-    if not args.resume and (out / "checkpoints" / "latest").is_file():
+    if not args.resume and RunDir(out).has_checkpoint():
         raise TopologyError("--out", f"{out} already holds a run: continue it with --resume, or choose another --out")
     opts = RunOptions(out_dir=out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                       tracking_uri=args.tracking_uri, tracking=not args.no_tracking, quiet=args.quiet,
@@ -174,7 +172,7 @@ def run_seeds(args) -> int:
     """`run --seeds 0,1,2`: one run per seed in <out>/seed-<s>, grouped under one MLflow run; mean ± std."""
     from .compare import aggregate_seeds
     from .engine import get_engine
-    from .engine.local import RunOptions
+    from .engine.options import RunOptions
     from .topology.load import parse_override
     from .tracking import RunTracker, default_tracking_uri
     from .tune import SEED_PATH, parse_seeds
@@ -208,12 +206,12 @@ def run_seeds(args) -> int:
     try:
         for seed in seeds:
             seed_out = out / f"seed-{seed}"
-            done = seed_out / "summary.json"
-            if args.resume and done.is_file() and json.loads(done.read_text()).get("finished"):
-                summaries[seed] = json.loads(done.read_text())
+            done = RunDir(seed_out).read_summary()
+            if args.resume and done and done.get("finished"):
+                summaries[seed] = done
                 continue
-            resume = args.resume and (seed_out / "checkpoints" / "latest").is_file()
-            if not resume and (seed_out / "checkpoints" / "latest").is_file():
+            resume = args.resume and RunDir(seed_out).has_checkpoint()
+            if not resume and RunDir(seed_out).has_checkpoint():
                 raise TopologyError("--out", f"{seed_out} already holds a run: continue it with --resume")
             extra = [f"{SEED_PATH}={seed}"] + ([] if c.tracking.run_name else [f"tracking.run_name={c.name}-seed{seed}"])
             seed_topo = _load(argparse.Namespace(topology=args.topology, set=[*args.set, *extra], engine=args.engine))
@@ -300,19 +298,14 @@ def cmd_compare(args) -> int:
 
 def cmd_plot(args) -> int:
     from .plot import draw_topology, plot_curves
+    from .rundir import RunDir, accuracy_series
 
     target = Path(args.topology)
     if target.is_dir():
-        metrics = target / "metrics.jsonl"
-        if not metrics.is_file():
+        run = RunDir(target)
+        if not run.metrics.is_file():
             raise TopologyError(str(target), "not a run directory (no metrics.jsonl)")
-        series: dict[str, list] = {}
-        for line in metrics.read_text().splitlines():
-            h = json.loads(line)
-            for n, m in h["nodes"].items():
-                if "top1" in m:
-                    series.setdefault(n, []).append((h["epoch"] + 1, m["top1"]))
-        path = plot_curves(series, args.output or target / "accuracy.png", title=target.name)
+        path = plot_curves(accuracy_series(run.history()), args.output or run.curves_picture, title=target.name)
     else:
         topo = _load(args, check=True)
         nodes, edges = topo.graph_spec()
@@ -331,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="PATH=VALUE", default=[],
                        help="override any field, e.g. --set train.epochs=3 --set edges[0].temperature=2")
         if engine:
-            p.add_argument("--engine", choices=["local", "ray"], help="override engine.name")
+            p.add_argument("--engine", help="override engine.name (a registered engine: local, ray)")
 
     p = sub.add_parser("validate", help="check a topology without training (schema, names, taps, shapes)")
     common(p, engine=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TopologyError, suggest
+from .tracking import TAG_KIND, TAG_NODE, TAG_NODES, TAG_OVERRIDES, TAG_PARENT, TAG_ROLE, TAG_TOPOLOGY
 
 SEED_PATH = "train.seed"
 GROUP_KINDS = ("sweep", "seeds")
@@ -90,7 +91,7 @@ def _all_runs(client, experiment_id: str) -> list:
 
 
 def _kind(run, children: dict[str, list]) -> str:
-    kind = run.data.tags.get("online_kd.kind")
+    kind = run.data.tags.get(TAG_KIND)
     if kind:
         return kind
     return "topology" if children.get(run.info.run_id) else "node"
@@ -150,18 +151,18 @@ def collect(tracking_uri: str, experiment: str, runs: list[str] | None = None) -
     selected = _select(runs, every, by_id, children)
 
     def order(r):
-        g = by_id.get(r.data.tags.get("mlflow.parentRunId", ""))
+        g = by_id.get(r.data.tags.get(TAG_PARENT, ""))
         return ((g or r).info.start_time, r.info.run_name if g else "", r.info.start_time)
 
     rows: list[Row] = []
     for run in sorted(selected, key=order):
         tags, params = run.data.tags, run.data.params
-        group = by_id.get(tags.get("mlflow.parentRunId", ""))
-        nodes = {c.data.tags.get("online_kd.node", c.info.run_name): c for c in children.get(run.info.run_id, [])}
-        node_order = [n for n in tags.get("online_kd.nodes", "").split(",") if n in nodes]
+        group = by_id.get(tags.get(TAG_PARENT, ""))
+        nodes = {c.data.tags.get(TAG_NODE, c.info.run_name): c for c in children.get(run.info.run_id, [])}
+        node_order = [n for n in tags.get(TAG_NODES, "").split(",") if n in nodes]
         node_order += [n for n in nodes if n not in node_order]
         try:
-            overrides = json.loads(tags.get("online_kd.overrides", "{}"))
+            overrides = json.loads(tags.get(TAG_OVERRIDES, "{}"))
         except json.JSONDecodeError:
             overrides = {}
         seed = params.get(SEED_PATH, overrides.get(SEED_PATH))
@@ -170,13 +171,13 @@ def collect(tracking_uri: str, experiment: str, runs: list[str] | None = None) -
             curve = _curve(client, node.info.run_id)
             last = curve[-1] if curve else None
             best = max(curve, key=lambda p: (p[1], -p[0])) if curve else None
-            role = node.data.tags.get("online_kd.role", "")
+            role = node.data.tags.get(TAG_ROLE, "")
             model = node.data.params.get("model") or (f"{role}({node.data.params.get('combine', '')})"
                                                       if role == "ensemble" else "")
             rows.append(Row(
                 run=run.info.run_name, run_id=run.info.run_id,
                 group=group.info.run_name if group else "", group_run_id=group.info.run_id if group else "",
-                topology=tags.get("online_kd.topology", ""), seed=int(seed) if seed not in (None, "") else None,
+                topology=tags.get(TAG_TOPOLOGY, ""), seed=int(seed) if seed not in (None, "") else None,
                 peer=name, model=model, role=role, status=run.info.status,
                 epochs=last[0] if last else None, top1_last=last[1] if last else None,
                 top1_best=best[1] if best else None, best_epoch=best[0] if best else None,

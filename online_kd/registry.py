@@ -23,3 +23,17 @@ def registrar(table: dict[str, type], what: str, reserved: tuple[str, ...] = ())
         return deco
 
     return register
+
+
+ENGINES: dict[str, type] = {}
+register_engine = registrar(ENGINES, "engine")
+
+
+def engines() -> dict[str, type]:
+    """Every engine by its ``engine.name``; the built-in ones (online_kd.engine) register on first use,
+    so validation can ask an engine what it runs without the topology layer importing the engines."""
+    if not ENGINES:
+        import importlib
+
+        importlib.import_module("online_kd.engine")
+    return ENGINES

@@ -36,6 +36,7 @@ alphanumerics, ``_ - . /``, spaces (and ``:`` off Windows), so an edge metric su
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -69,6 +70,11 @@ TAG_ROLE = "online_kd.role"
 TAG_KIND = "online_kd.kind"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+TAG_TOPOLOGY = "online_kd.topology"
+TAG_NODES = "online_kd.nodes"
+TAG_SEED = "online_kd.seed"
+TAG_TRIAL = "online_kd.trial"
+TAG_OUT = "online_kd.out"
 TAG_OVERRIDES = "online_kd.overrides"  # JSON {path: value} of the overrides that made this run
 
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -339,7 +345,7 @@ class RunTracker:
                 self._log_params(run.info.run_id, node_params)
             client.log_batch(
                 self.parent_run_id,
-                tags=[RunTag("online_kd.nodes", ",".join(self.child_run_ids)[:MAX_TAG_VAL_LENGTH])],
+                tags=[RunTag(TAG_NODES, ",".join(self.child_run_ids)[:MAX_TAG_VAL_LENGTH])],
             )
         except BaseException:
             self.finish("FAILED")
@@ -503,3 +509,38 @@ class RunTracker:
             f"run_name={self.run_name!r}, parent_run_id={self.parent_run_id!r}, "
             f"nodes={sorted(self.child_run_ids)})"
         )
+
+
+def close_sweep(sweep: RunTracker, summary: dict, outcomes: list) -> None:
+    """A sweep's end in MLflow: close what stopped trials left open, tag each trial's status and the best
+    configuration, close the sweep run. ``outcomes``: the trials (``name``, ``status``; ``run_id`` is set here)."""
+    from mlflow.entities import RunTag
+
+    client = sweep.client
+    trial_runs = client.search_runs([sweep.experiment_id], max_results=5000,
+                                    filter_string=f"tags.{TAG_PARENT} = '{sweep.parent_run_id}'")
+    by_name = {r.data.tags.get(TAG_TRIAL): r for r in trial_runs}
+    best = summary["best"] or {"trials": []}
+    end = int(time.time() * 1000)
+    for o in outcomes:
+        run = by_name.get(o.name)
+        if run is None:
+            continue
+        o.run_id = run.info.run_id
+        tags = [RunTag("online_kd.status", o.status), RunTag("best", str(o.name in best["trials"]).lower())]
+        client.log_batch(run.info.run_id, tags=tags)
+        if o.status != "done" and run.info.status != "FINISHED":  # stopped by ASHA: Tune ended its process
+            status = "FAILED" if o.status == "error" else "KILLED"
+            nodes = client.search_runs([sweep.experiment_id], max_results=1000,
+                                       filter_string=f"tags.{TAG_PARENT} = '{run.info.run_id}'")
+            for r in [*nodes, run]:
+                if r.info.status != status:
+                    client.set_terminated(r.info.run_id, status=status, end_time=end)
+    for t in summary["trials"]:
+        t["run_id"] = next((o.run_id for o in outcomes if o.name == t["trial"]), None)
+    if summary["best"]:
+        b = summary["best"]
+        sweep.set_tags({"best_trial": b["trial"], "best_trials": ",".join(b["trials"]),
+                        "best_overrides": json.dumps(b["overrides"], sort_keys=True, default=str)})
+        sweep.log_summary({sweep.PARENT: {"best_mean": b["mean"], "best_std": b["std"]}})
+    sweep.finish("FINISHED")

@@ -10,8 +10,9 @@ import torch
 import yaml
 
 from online_kd.data import BatchStream, build_data
-from online_kd.engine.local import LocalEngine, RunOptions
-from online_kd.engine.step import Runtime
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
+from online_kd.engine.runtime import Runtime
 from online_kd.errors import TopologyError
 from online_kd.losses import LOSSES
 from online_kd.stages import ProduceContext, ProducedSet, no_progress

@@ -18,7 +18,7 @@ from online_kd.topology import load_topology
 from online_kd.topology.graph import Topology
 from online_kd.topology.patterns import MAX_EDGES
 from online_kd.topology.plan import build_plan, check_input_size
-from online_kd.topology.validate import MAX_WORKERS, check_cluster_resources
+from online_kd.engine.ray import MAX_WORKERS, check_cluster_resources
 from online_kd.topology.yaml_loader import MAX_DEPTH, MAX_NODES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ from online_kd.data import build_data
 from online_kd.data.samplers import ClassPairedSampler
 from online_kd.data.stream import Batch
 from online_kd.engine import checkpoint as ckpt
-from online_kd.engine.local import LocalEngine, RunOptions
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
 from online_kd.errors import TopologyError
 from online_kd.losses import LOSSES, EdgeContext
 from online_kd.losses.base import Clock

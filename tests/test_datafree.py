@@ -15,8 +15,9 @@ import yaml
 from torch import nn
 
 from online_kd.data import build_data
-from online_kd.engine.local import LocalEngine, RunOptions
-from online_kd.engine.step import Runtime
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
+from online_kd.engine.runtime import Runtime
 from online_kd.errors import TopologyError
 from online_kd.stages import ProduceContext, ProducedSet, no_progress
 from online_kd.stages.objectives import (OBJECTIVES, BNInputHooks, competition_loss, deepinversion_bn_loss,

@@ -7,8 +7,9 @@ import yaml
 
 from online_kd.data import build_data
 from online_kd.engine import checkpoint as ckpt
-from online_kd.engine.local import LocalEngine, RunOptions
-from online_kd.engine.step import Runtime
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
+from online_kd.engine.runtime import Runtime
 from online_kd.errors import DivergenceError
 from online_kd.losses import LOSSES, EdgeLoss, Params, register_loss
 from online_kd.topology import load_topology

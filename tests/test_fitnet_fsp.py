@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from online_kd.data import BatchStream, build_data
 from online_kd.engine import checkpoint as ckpt
-from online_kd.engine.local import LocalEngine, RunOptions
-from online_kd.engine.step import Runtime
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
+from online_kd.engine.runtime import Runtime
 from online_kd.losses import LOSSES
 from online_kd.models import available_taps, build_model
 from online_kd.topology import load_topology

@@ -12,8 +12,9 @@ from torch import nn
 from online_kd.data import BatchStream, build_data
 from online_kd.data.expand import EXPANSIONS, Rotation4, build_expansion
 from online_kd.engine import checkpoint as ckpt
-from online_kd.engine.local import LocalEngine, RunOptions
-from online_kd.engine.step import Runtime
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
+from online_kd.engine.runtime import Runtime
 from online_kd.errors import TopologyError
 from online_kd.losses import LOSSES, EdgeContext
 from online_kd.models import TappedModel, build_model

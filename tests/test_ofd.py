@@ -8,8 +8,9 @@ import yaml
 
 from online_kd.data import BatchStream, build_data
 from online_kd.engine import checkpoint as ckpt
-from online_kd.engine.local import LocalEngine, RunOptions
-from online_kd.engine.step import Runtime
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
+from online_kd.engine.runtime import Runtime
 from online_kd.losses import LOSSES, EdgeContext
 from online_kd.models import build_model
 from online_kd.models.taps import bn_before

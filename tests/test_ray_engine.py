@@ -17,7 +17,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from online_kd.engine import checkpoint as ckpt
-from online_kd.engine.local import LocalEngine, RunOptions
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
 from online_kd.engine.ray import RayEngine
 from online_kd.engine.raystart import ensure_ray
 from online_kd.topology import load_topology

@@ -9,8 +9,9 @@ from pydantic import ValidationError
 
 from online_kd.data import Batch, BatchStream, build_data
 from online_kd.engine import checkpoint as ckpt
-from online_kd.engine.local import LocalEngine, RunOptions
-from online_kd.engine.step import Runtime
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
+from online_kd.engine.runtime import Runtime
 from online_kd.losses import LOSSES
 from online_kd.losses.review import ABF, hcl_level
 from online_kd.topology import load_topology

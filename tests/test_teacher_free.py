@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import yaml
 
 from online_kd.data import BatchStream, build_data
-from online_kd.engine.local import LocalEngine, RunOptions
-from online_kd.engine.step import Runtime
+from online_kd.engine.local import LocalEngine
+from online_kd.engine.options import RunOptions
+from online_kd.engine.runtime import Runtime
 from online_kd.models import build_model
 from online_kd.topology import load_topology
 

@@ -33,7 +33,8 @@ def test_quick_topology_runs_one_epoch(path, tmp_path):
     """Every quick YAML trains: one epoch of two steps per training stage, producing stages as written."""
     import yaml
 
-    from online_kd.engine.local import LocalEngine, RunOptions
+    from online_kd.engine.local import LocalEngine
+    from online_kd.engine.options import RunOptions
 
     raw = yaml.safe_load(path.read_text())
     overrides = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "tracking.enabled": False}

@@ -214,7 +214,8 @@ def test_seeds_and_a_seed_path_in_the_space_clash(tmp_path, capsys):
 def test_seeds_of_a_configuration_are_compared_at_the_same_depth():
     from types import SimpleNamespace
 
-    from online_kd.tune import Space, SpaceConfig, TrialOutcome, _summarise
+    from online_kd.tune import Space, SpaceConfig, TrialOutcome
+    from online_kd.tune.sweep import _summarise
 
     def trial(name, temp, seed, series, status):
         return TrialOutcome(name=name, trial_id=name, overrides={"edges[0].temperature": temp, "train.seed": seed},
@@ -272,7 +273,7 @@ def test_follower_reports_complete_lines_once_per_epoch(tmp_path):
     """The ray-engine trial's follower of metrics.jsonl: a half-written line waits; a re-reported epoch is skipped."""
     import threading
 
-    from online_kd.tune import _follow
+    from online_kd.rundir import RunDir
 
     path = tmp_path / "metrics.jsonl"
     seen = []
@@ -280,9 +281,9 @@ def test_follower_reports_complete_lines_once_per_epoch(tmp_path):
     path.write_text(rec(0) + "\n" + rec(1) + "\n" + rec(1) + "\n" + rec(2)[:10])  # restart re-reported 1; 2 mid-write
     stop = threading.Event()
     stop.set()
-    _follow(path, lambda epoch, nodes: seen.append(epoch), stop)
+    RunDir(tmp_path).follow(lambda epoch, nodes: seen.append(epoch), stop)
     assert seen == [0, 1]
     path.write_text(path.read_text()[: -10] + rec(2) + "\n")
     seen.clear()
-    _follow(path, lambda epoch, nodes: seen.append(epoch), stop)
+    RunDir(tmp_path).follow(lambda epoch, nodes: seen.append(epoch), stop)
     assert seen == [0, 1, 2]

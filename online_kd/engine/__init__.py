@@ -1,17 +1,10 @@
 """Engines run a topology: ``local`` (one process) and ``ray`` (a Ray Train worker per peer)."""
 from __future__ import annotations
 
-from typing import Callable
+from ..registry import ENGINES
+from . import local, ray  # noqa: F401 - register the built-in engines
 
 
-def get_engine(name: str) -> Callable:
+def get_engine(name: str) -> type:
     """The engine class for ``engine.name``."""
-    if name == "local":
-        from .local import LocalEngine
-
-        return LocalEngine
-    if name == "ray":
-        from .ray import RayEngine
-
-        return RayEngine
-    raise KeyError(name)
+    return ENGINES[name]

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import TopologyError, one_line
+from ..rundir import atomic_write_text  # noqa: F401 - checkpoints' pointers are written with it
 
 ENGINE_FILE = "engine.pt"
 FAULT_ENV = "ONLINE_KD_FAULT"
@@ -79,17 +80,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

@@ -52,6 +52,24 @@ class Route:
     shape: tuple[int, ...]
 
 
+def stage_routes(plan: ExchangePlan, workers: list[Worker], stage: str, replica: int = 0) -> list[tuple]:
+    """(transfer, src rank, dst rank, route) for each planned transfer of ``stage`` among the workers of
+    ``replica``: route is None where no copy crosses workers (colocated peers pass taps by reference, a tap
+    goes to a worker once)."""
+    home = {(p, w.replica): w.rank for w in workers for p in w.peers}
+    seen, out = set(), []
+    for t in plan.transfers:
+        if t.stage != stage:
+            continue
+        src, dst = home[(t.source, replica)], home[(t.target, replica)]
+        route = None
+        if src != dst and (t.source, t.tap, dst) not in seen:
+            seen.add((t.source, t.tap, dst))
+            route = Route(t.source, t.tap, src, dst, tuple(t.shape))
+        out.append((t, src, dst, route))
+    return out
+
+
 class Exchange:
     """The per-stage routes of this worker and the collective that serves them."""
 
@@ -59,7 +77,6 @@ class Exchange:
                  group, device: torch.device, dtype: torch.dtype):
         self.topology, self.plan, self.workers, self.me = topology, plan, workers, me
         self.group, self.device, self.dtype = group, device, dtype
-        self.home = {(p, w.replica): w.rank for w in workers for p in w.peers}
         self.mates = [w.rank for w in workers if w.replica == me.replica]  # my exchange group, in rank order
         self.routes: list[Route] = []
         self.dense = False
@@ -67,16 +84,7 @@ class Exchange:
 
     def enter_stage(self, stage: Stage) -> None:
         """Routes for a stage: the plan's transfers between different workers, each tap once per worker."""
-        seen, routes = set(), []
-        r = self.me.replica
-        for t in self.plan.transfers:
-            if t.stage != stage.name:
-                continue
-            src, dst = self.home[(t.source, r)], self.home[(t.target, r)]
-            if src == dst or (t.source, t.tap, dst) in seen:
-                continue
-            seen.add((t.source, t.tap, dst))
-            routes.append(Route(t.source, t.tap, src, dst, tuple(t.shape)))
+        routes = [r for *_, r in stage_routes(self.plan, self.workers, stage.name, self.me.replica) if r is not None]
         self.routes = routes
         one_peer_each = all(len(w.peers) == 1 for w in self.workers)
         pairs = {(x.src, x.dst) for x in routes}

@@ -11,67 +11,107 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from ray.train import UserCallback
+import torch
 
 from ..errors import DivergenceError, TopologyError
+from ..registry import register_engine
 from ..topology.graph import Topology
-from ..topology.validate import check_cluster_resources
 from . import ray_checkpoint
-from .checkpoint import atomic_write_text, fault_point
+from .base import Engine, Resources
 from .exchange import placement
-from .local import RunOptions, check_inits
+from .options import check_inits
 from .raystart import ensure_ray
-from .record import epoch_record, merge_reports, read_history
 from .report import Reporter
 
-
-def _options_dict(opts: RunOptions) -> dict:
-    return {"out_dir": str(Path(opts.out_dir).resolve()), "tracking": opts.tracking, "quiet": opts.quiet,
-            "tracking_uri": opts.tracking_uri}
+#: most workers the ray engine starts for one topology
+MAX_WORKERS = 1024
 
 
-class EpochReports(UserCallback):
-    """Controller-side: merges every rank's epoch report and logs it once (MLflow, history, progress)."""
-
-    def __init__(self, raw: dict, options: dict, tracker_state: dict | None):
-        self.raw, self.options, self.tracker_state = raw, options, tracker_state
-        self._reporter = None
-
-    def _get_reporter(self) -> Reporter:
-        if self._reporter is None:
-            from ..topology import load_topology
-
-            topo = load_topology(self.raw, check=False)
-            opts = RunOptions(out_dir=Path(self.options["out_dir"]), tracking=self.options["tracking"],
-                              quiet=self.options["quiet"], tracking_uri=self.options["tracking_uri"])
-            self._reporter = Reporter(topo, opts, history=read_history(opts.out_dir), tracker_state=self.tracker_state)
-            self._reporter.attach()
-        return self._reporter
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        rep = self._get_reporter()
-        records = None
-        if checkpoint is not None:  # Ray has committed it: its history is the truth, the records follow it
-            fault_point("ray-reported")
-            atomic_write_text(str(checkpoint.path), rep.out / "checkpoints" / "latest")
-            records = ray_checkpoint.committed_history(checkpoint)
-        if records is None:
-            records = [epoch_record(rep.topology.nodes, rep.history, *merge_reports(metrics))]
-        logged = {h["epoch"] for h in rep.history}
-        for record in records:  # epochs a killed controller committed but never logged, then this one
-            if record["epoch"] not in logged:  # a re-run after a restart is logged once
-                rep.log_record(record)
+def ray_workers(topology: Topology) -> tuple[int, int, int]:
+    """(workers, worker groups, replicas) that placement gives the ray engine, without listing them."""
+    c = topology.config
+    grouped = {p for g in c.engine.colocate for p in g}
+    groups = len(c.engine.colocate) + sum(1 for p in c.peers if p not in grouped)
+    replicas = max(p.replicas for p in c.peers.values())
+    return groups * replicas, groups, replicas
 
 
-class RayEngine:
+def _replicas_place(topology: Topology) -> str:
+    c = topology.config
+    most = max(c.peers, key=lambda p: c.peers[p].replicas)
+    return f"peers.{most}.replicas"
+
+
+def check_cluster_resources(topology: Topology, available: Mapping[str, float] | None = None) -> None:
+    """The workers that placement starts, each asking for ``resources_per_worker``, fit in the Ray
+    cluster's resources (``ray.cluster_resources()`` when ``available`` is None); otherwise Ray Train
+    would wait for them forever."""
+    c = topology.config
+    if available is None:
+        import ray
+
+        available = ray.cluster_resources()
+    world, groups, replicas = ray_workers(topology)
+    for name, amount in sorted((dict(c.engine.resources_per_worker) or {"CPU": 1.0}).items()):
+        need, have = world * amount, float(available.get(name, 0))
+        if need > have:
+            where = _replicas_place(topology) if replicas > 1 else "engine.resources_per_worker"
+            raise TopologyError(where, f"the ray engine starts {world} workers ({groups} peer group(s) × {replicas} "
+                                       f"replica(s)) of {amount:g} {name} each: {need:g} {name} in all, but the Ray "
+                                       f"cluster has {have:g}")
+
+
+@register_engine("ray")
+class RayEngine(Engine):
     """Runs a topology with each peer (replica) as a Ray Train worker exchanging taps over torch.distributed."""
 
-    def __init__(self, topology: Topology, options: RunOptions):
-        self.topology, self.opt = topology, options
+    epochs_in_process = False  # the controller-side callback writes the epochs (metrics.jsonl)
+
+    @classmethod
+    def check(cls, topology: Topology) -> None:
+        from ..losses import LOSSES
+
+        c = topology.config
+        producers = topology.producers
+        if producers:
+            raise TopologyError(f"{producers[0].origin}.kind", f"'{producers[0].kind}' stages run on the local engine "
+                                                               "only (set engine.name: local)")
+        colocated = {p: i for i, group in enumerate(c.engine.colocate) for p in group}
+        for e in topology.edges:
+            # a loss that reads the source network itself needs its source and target in one worker
+            if not LOSSES[e.loss].needs_source_model or e.source == e.target or topology.kind(e.source) != "peer":
+                continue
+            if e.source not in colocated or colocated[e.source] != colocated.get(e.target):
+                raise TopologyError(f"{e.origin}.loss",
+                                    f"loss '{e.loss}' reads the network of '{e.source}' itself: on the ray engine put "
+                                    f"'{e.source}' and '{e.target}' in one worker "
+                                    f"(engine.colocate: [[{e.source}, {e.target}]])")
+        for e in topology.edges:
+            # replicas each see a shard of the batch: a loss relating a batch's samples would relate only a shard's
+            if not LOSSES[e.loss].relates_samples:
+                continue
+            for p in (e.target, *sorted(topology.peer_sources(e.source))):
+                if c.peers[p].replicas > 1:
+                    raise TopologyError(f"peers.{p}.replicas",
+                                        f"{c.peers[p].replicas} replicas would each relate only their shard of the "
+                                        f"batch in loss '{e.loss}' ({e.origin}, {e.source}→{e.target}), which relates "
+                                        f"a batch's samples to each other: use replicas: 1 for its peers")
+        world, groups, replicas = ray_workers(topology)
+        if world > MAX_WORKERS:
+            raise TopologyError(_replicas_place(topology), f"the ray engine would start {world:,} workers ({groups} "
+                                                           f"peer group(s) × {replicas} replicas); at most {MAX_WORKERS:,}")
+
+    @classmethod
+    def resources(cls, topology: Topology) -> Resources:
+        """The driver (a trial actor) on one CPU, and the resources of a worker per peer replica."""
+        c = topology.config
+        cpu_per_worker = float(dict(c.engine.resources_per_worker).get("CPU", 1))
+        return Resources({"CPU": 1}, len(placement(topology)) * cpu_per_worker + 1)
 
     def _check(self) -> None:
+        """What the ray engine checks when it starts: replica counts, colocated DeepSpeed peers, ZeRO configs."""
         c = self.topology.config
         counts = {p.replicas for p in c.peers.values()}
         if len(counts) > 1:
@@ -96,20 +136,26 @@ class RayEngine:
         from ray.train.torch import TorchTrainer
 
         from ..data import dataset_info
+        from ..rundir import RunDir
+        from .ray_reports import EpochReports, options_dict
         from .rendezvous import BoundStoreTorchConfig
         from .worker import train_worker
 
         topo, c, opts = self.topology, self.topology.config, self.opt
         check_inits(topo)
         self._check()
-        dataset_info(c.data)
+        from ..topology.plan import build_plan
+
+        with torch.random.fork_rng(devices=[]):
+            plan = build_plan(topo, dataset_info(c.data))  # the dry forward, once for every worker
         workers = placement(topo)
         world = len(workers)
         resources = dict(c.engine.resources_per_worker) or {"CPU": 1}
         use_gpu = resources.get("GPU", 0) > 0
         out = Path(opts.out_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        tracker_file = out / "tracker.json"
+        run = RunDir(out)
+        tracker_file = run.tracker
         notes: list[str] = []
         history = self._resume(out, notes.append) if opts.resume else []
         tracker_state = json.loads(tracker_file.read_text()) if opts.resume and tracker_file.is_file() else None
@@ -124,7 +170,7 @@ class RayEngine:
         ensure_ray(max(os.cpu_count() or 1, world + 1))  # a logical CPU per worker, whatever the core count
         check_cluster_resources(topo)
         threads = c.train.threads or max(1, (os.cpu_count() or 1) // world)
-        config = {"raw": topo.raw, "out_dir": str(out), "threads": threads, "use_gpu": use_gpu,
+        config = {"raw": topo.raw, "plan": plan, "out_dir": str(out), "threads": threads, "use_gpu": use_gpu,
                   "record_steps": opts.record_steps, "profile": opts.profile,
                   "stop_after_epochs": opts.stop_after_epochs}
         trainer = TorchTrainer(
@@ -136,7 +182,7 @@ class RayEngine:
                 name="ray", storage_path=str(out / "ray"),
                 failure_config=FailureConfig(max_failures=c.engine.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                callbacks=[EpochReports(topo.raw, _options_dict(opts), state)],
+                callbacks=[EpochReports(topo.raw, options_dict(opts), state)],
             ),
         )
         try:
@@ -147,7 +193,7 @@ class RayEngine:
         if result.error is not None:
             reporter.failed(result.error)
             raise _translate(result.error, out) from None
-        reporter.history = read_history(out)
+        reporter.history = run.history()
         if reporter.history and reporter.history[-1]["epoch"] + 1 < topo.total_epochs:
             reporter.stopped(reporter.history[-1]["epoch"] + 1)
             return reporter.summary(finished=False)

@@ -1,4 +1,4 @@
-"""Per-epoch records and the files derived from them.
+"""Per-epoch records: what an epoch logs, built the same way by both engines.
 
 The checkpoint is an epoch's commit point and its engine state holds the history (one record
 per epoch). ``metrics.jsonl`` and the MLflow metrics are derived: a resume rewrites
@@ -8,13 +8,7 @@ neither repeats nor loses an epoch. Both engines build records with :func:`epoch
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
-
-from .checkpoint import atomic_write_text
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def best(history: list[dict], node: str) -> tuple[float, int] | None:
@@ -48,28 +42,3 @@ def merge_reports(metrics: list[dict]) -> tuple[int, str, dict, dict, float]:
         train.update(m.get("train", {}))
         evals.update(m.get("eval", {}))
     return metrics[0]["epoch"], metrics[0]["stage"], train, evals, max(m["seconds"] for m in metrics)
-
-
-def read_history(out: Path) -> list[dict]:
-    """Per-epoch records of a run directory's metrics.jsonl, one per epoch (a repeated epoch keeps its last)."""
-    path = Path(out) / METRICS_FILE
-    if not path.is_file():
-        return []
-    by_epoch = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        by_epoch[rec["epoch"]] = rec
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def write_history(out: Path, history: list[dict]) -> None:
-    """Replace metrics.jsonl atomically by ``history`` (a resume's reconciliation with the checkpoint)."""
-    atomic_write_text("".join(json.dumps(h) + "\n" for h in history), Path(out) / METRICS_FILE)
-
-
-def append_record(out: Path, record: dict) -> None:
-    with open(Path(out) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")

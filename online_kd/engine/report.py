@@ -1,7 +1,6 @@
 """What a run tells people: progress, per-epoch history, MLflow runs, pictures and the summary."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -12,9 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..rundir import RunDir, accuracy_series
 from ..topology.graph import Stage, Topology
 from .checkpoint import fault_point
-from .record import append_record, best, epoch_record, write_history
+from .record import best, epoch_record
 
 
 def roles(topology: Topology) -> dict[str, str]:
@@ -56,6 +56,7 @@ class Reporter:
     def __init__(self, topology: Topology, options, history: list | None = None, tracker_state: dict | None = None):
         self.topology, self.opt = topology, options
         self.out = Path(options.out_dir)
+        self.run = RunDir(self.out)
         self.history: list[dict] = list(history or [])
         self.console = Console(stderr=True, quiet=options.quiet, highlight=False)
         self.roles = roles(topology)
@@ -68,8 +69,8 @@ class Reporter:
     # ------------------------------------------------------------------ lifecycle
     def start(self, info, steps_per_epoch: int, start_epoch: int) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "topology.yaml").write_text(self.topology.to_yaml())
-        write_history(self.out, self.history)  # derived from the checkpoint: a resume drops epochs it does not hold
+        self.run.topology.write_text(self.topology.to_yaml())
+        self.run.write_history(self.history)  # derived from the checkpoint: a resume drops epochs it does not hold
         graph = self._draw_graph()
         self.steps_per_epoch = steps_per_epoch
         if self.opt.tracking and self.topology.config.tracking.enabled:
@@ -100,7 +101,7 @@ class Reporter:
             from ..plot import draw_topology
 
             nodes, edges = self.topology.graph_spec()
-            return draw_topology(nodes, edges, self.out / "topology.png", title=self.topology.name)
+            return draw_topology(nodes, edges, self.run.graph_picture, title=self.topology.name)
         except Exception as err:  # a picture must never stop training
             self.console.print(f"[yellow]could not draw the topology: {err}[/]")
             return None
@@ -108,7 +109,7 @@ class Reporter:
     def _start_tracker(self, graph: Path | None) -> None:
         import logging
 
-        from ..tracking import RunTracker, default_tracking_uri
+        from ..tracking import TAG_OUT, TAG_TOPOLOGY, RunTracker, default_tracking_uri
 
         for noisy in ("mlflow", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -118,7 +119,7 @@ class Reporter:
             self.tracker = RunTracker.resume(self._tracker_state)
             return
         uri = self.opt.tracking_uri or c.tracking.uri or default_tracking_uri()
-        tags = {"online_kd.topology": c.name, "online_kd.out": str(self.out.resolve()), **self.opt.extra_tags}
+        tags = {TAG_TOPOLOGY: c.name, TAG_OUT: str(self.out.resolve()), **self.opt.extra_tags}
         self.tracker = RunTracker(uri, c.tracking.experiment or c.name, c.tracking.run_name or c.name, tags=tags,
                                   nest_under=self.opt.parent_run_id)
         nodes = {}
@@ -174,7 +175,7 @@ class Reporter:
         """Add an epoch's record: history, metrics.jsonl, MLflow, the on_epoch hook and the console line."""
         epoch, nodes = record["epoch"], record["nodes"]
         self.history.append(record)
-        append_record(self.out, record)
+        self.run.append_epoch(record)
         fault_point("metrics-line")
         if self.tracker:
             self.tracker.log_epoch(epoch, nodes)
@@ -216,12 +217,8 @@ class Reporter:
         try:
             from ..plot import plot_curves
 
-            series: dict[str, list[tuple[int, float]]] = {}
-            for h in self.history:
-                for n, m in h["nodes"].items():
-                    if "top1" in m:
-                        series.setdefault(n, []).append((h["epoch"] + 1, m["top1"]))
-            return plot_curves(series, self.out / "accuracy.png", title=self.topology.name) if series else None
+            series = accuracy_series(self.history)
+            return plot_curves(series, self.run.curves_picture, title=self.topology.name) if series else None
         except Exception as err:
             self.console.print(f"[yellow]could not plot curves: {err}[/]")
             return None
@@ -234,14 +231,14 @@ class Reporter:
     def finish(self) -> dict[str, Any]:
         self._close_progress()
         summary = self.summary(finished=True)
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.run.write_summary(summary)
         curves = self._curves()
         if self.tracker:
             self.tracker.log_summary({n: {k: v for k, v in e.items() if isinstance(v, (int, float))}
                                       for sec in ("peers", "ensembles") for n, e in summary[sec].items()})
             if curves is not None:
                 self.tracker.log_artifact(curves)
-            self.tracker.log_artifact(self.out / "summary.json")
+            self.tracker.log_artifact(self.run.summary)
             self.tracker.finish("FINISHED")
         for sec in ("peers", "ensembles"):
             for n, e in summary[sec].items():

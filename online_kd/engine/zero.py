@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ..errors import TopologyError
@@ -71,3 +72,31 @@ def wrap(peer, cfg: dict, micro_batch: int, replica_group, own_group):
     engine, optimizer, _, _ = deepspeed.initialize(model=peer, optimizer=peer.optimizer, config=cfg,
                                                    mpu=ReplicaMPU(replica_group, own_group), dist_init_required=False)
     return engine
+
+
+def state_file(peer: str, replica: int) -> str:
+    """The checkpoint file of one replica's ZeRO optimizer partition."""
+    return f"peer_{peer}.zero{replica}.pt"
+
+
+def optimizer_state(peer) -> dict:
+    """A replica's ZeRO optimizer partition, with tensors and plain values only (loadable weights_only)."""
+    sd = dict(peer.ds.optimizer.state_dict())
+    sd.pop("loss_scaler", None)  # a DeepSpeed object; fp32 training keeps the static scale of 1
+    return sd
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """weights_only load of a ZeRO partition, allowing DeepSpeed's own plain types (enums, fragment records)."""
+    import importlib
+
+    from .checkpoint import load
+
+    allowed = []
+    for qual in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+        if not qual.startswith("deepspeed."):
+            raise RuntimeError(f"{path}: unexpected type {qual} in a ZeRO checkpoint")
+        module, _, attr = qual.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    with torch.serialization.safe_globals(allowed):
+        return load(path)

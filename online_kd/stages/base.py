@@ -75,7 +75,7 @@ class ProducedSet:
 class ProduceContext:
     """What a producing stage may use: the live runtime (peers), the loaded data, earlier sets."""
 
-    runtime: Any                     # engine.step.Runtime holding every peer
+    runtime: Any                     # engine.runtime.Runtime holding every peer
     data: Any                        # data.DataBundle of the topology's data set
     topology: Any
     out_dir: Path

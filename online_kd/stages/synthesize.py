@@ -155,7 +155,7 @@ class Synthesize(StageKind):
         """The peer's network (untrained) to inspect its layers; None when it cannot be built here (the plan
         reports why)."""
         from ..data import dataset_info
-        from ..engine.build import build_model_for
+        from ..build import build_model_for
 
         try:
             with torch.random.fork_rng(devices=[]):

@@ -28,10 +28,6 @@ class Edge:
     name: str | None = None
 
     @property
-    def label(self) -> str:
-        return f"{self.source}->{self.target}"
-
-    @property
     def key(self) -> str:
         """A stable name for the edge's modules and metrics: 'loss:source->target'."""
         return f"{self.loss}:{self.source}->{self.target}"
@@ -123,9 +119,6 @@ class Topology:
         if k == "ensemble":
             return set().union(*(self.peer_sources(m) for m in self.config.ensembles[node].members))
         return set()
-
-    def edges_into(self, peers) -> list[Edge]:
-        return [e for e in self.edges if e.target in peers]
 
     def trained_stage(self, peer: str) -> int | None:
         """Index of the first stage that trains ``peer``."""

@@ -129,7 +129,7 @@ def build_plan(topology: Topology, info=None, dtype_bytes: int | None = None) ->
     """Dry-run every model and loss on a 2-sample batch; TopologyError on missing taps or shape mismatches."""
     from ..data import dataset_info
     from ..data.expand import build_expansion
-    from ..engine.build import build_loss, build_model_for
+    from ..build import build_loss, build_model_for
     from ..models import TappedModel, resolve_tap
 
     c = topology.config

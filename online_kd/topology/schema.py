@@ -184,12 +184,10 @@ class StageConfig(Open):
 
 
 class EngineConfig(Strict):
-    name: Literal["local", "ray"] = "local"
-    workers_per_peer: int = Field(1, ge=1, le=MAX_REPLICAS)
+    name: str = "local"  # a registered engine (online_kd.registry.ENGINES)
     resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] = {}
     colocate: list[list[str]] = []
     max_failures: int = Field(2, ge=-1)  # ray engine: restarts of the worker group from its last checkpoint
-    report_every: int | None = Field(None, ge=1)
 
 
 class TrackingConfig(Strict):

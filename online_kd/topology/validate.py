@@ -8,8 +8,9 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from ..errors import TopologyError, suggest
+from ..registry import engines
 from .graph import Topology
-from .load import _SAFE_KEY, _message, place
+from .places import SAFE_KEY, message, place
 from .schema import EdgeConfig, EnsembleConfig, VirtualConfig
 
 
@@ -25,7 +26,7 @@ def validate_params(cls: type[BaseModel], params: Mapping[str, Any], where: str,
     except ValidationError as err:
         e = err.errors()[0]
         loc = [p for p in e["loc"] if p != "[key]"]
-        safe = all(isinstance(p, int) or _SAFE_KEY.match(str(p)) for p in loc)
+        safe = all(isinstance(p, int) or SAFE_KEY.match(str(p)) for p in loc)
         sub = place(loc) if safe else ""
         key = loc[0] if loc else None
         if e["type"] == "extra_forbidden":
@@ -35,7 +36,7 @@ def validate_params(cls: type[BaseModel], params: Mapping[str, Any], where: str,
             msg += f" ({what} takes " + (", ".join(allowed) or "no parameters")
             msg += (f"; besides {', '.join(common)})" if common else ")")
         else:
-            msg = _message(e)
+            msg = message(e)
             if not safe:
                 msg = f"key {key!r}: {msg}"
         raise TopologyError(f"{where}.{sub}" if sub else where, msg) from None
@@ -64,7 +65,7 @@ def _check_producing_stages(topology: Topology) -> None:
             for key in s.extras():
                 allowed = [k for k in _keys(type(s)) if k != "kind"]
                 close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-                raise TopologyError(f"stages[{i}].{key}" if _SAFE_KEY.match(str(key)) else f"stages[{i}]",
+                raise TopologyError(f"stages[{i}].{key}" if SAFE_KEY.match(str(key)) else f"stages[{i}]",
                                     "unknown key" + (f", did you mean '{close[0]}'?" if close else "")
                                     + f" (allowed: {', '.join(allowed)}; other keys belong to a producing stage's "
                                       f"'kind': {', '.join(sorted(STAGE_KINDS)) or 'none'})")
@@ -77,9 +78,6 @@ def _check_producing_stages(topology: Topology) -> None:
                                                           f"'{key}' belongs to the training stage that uses it")
     stages, producers = topology.stages, topology.producers
     names = {p.name: p for p in producers}
-    if producers and c.engine.name == "ray":
-        raise TopologyError(f"{producers[0].origin}.kind", f"'{producers[0].kind}' stages run on the local engine only "
-                                                           "(set engine.name: local)")
     for p in producers:
         if p.before >= len(stages):
             raise TopologyError(f"{p.origin}.kind", "no training stage follows it: add one with "
@@ -193,88 +191,6 @@ def _check_batch_fields(topology: Topology, e, loss, active: list[int]) -> None:
                                                     f"which the produced set '{s.data}' does not give")
 
 
-def _check_source_models_colocated(topology: Topology, colocated: dict[str, int]) -> None:
-    """On the ray engine, an edge whose loss reads the source network itself (``needs_source_model``)
-    needs its source and target in one worker."""
-    from ..losses import LOSSES
-
-    if topology.config.engine.name != "ray":
-        return
-    for e in topology.edges:
-        if not LOSSES[e.loss].needs_source_model or e.source == e.target or topology.kind(e.source) != "peer":
-            continue
-        if e.source not in colocated or colocated[e.source] != colocated.get(e.target):
-            raise TopologyError(f"{e.origin}.loss", f"loss '{e.loss}' reads the network of '{e.source}' itself: on the "
-                                                    f"ray engine put '{e.source}' and '{e.target}' in one worker "
-                                                    f"(engine.colocate: [[{e.source}, {e.target}]])")
-
-
-def _check_relational_replicas(topology: Topology) -> None:
-    """On the ray engine a peer's replicas each see a shard of the batch; a loss that relates the batch's
-    samples to each other (``relates_samples``) would relate only a shard's, so it is refused there."""
-    from ..losses import LOSSES
-
-    c = topology.config
-    if c.engine.name != "ray":
-        return
-    for e in topology.edges:
-        if not LOSSES[e.loss].relates_samples:
-            continue
-        for p in (e.target, *sorted(topology.peer_sources(e.source))):
-            if c.peers[p].replicas > 1:
-                raise TopologyError(f"peers.{p}.replicas", f"{c.peers[p].replicas} replicas would each relate only "
-                                                           f"their shard of the batch in loss '{e.loss}' ({e.origin}, "
-                                                           f"{e.source}→{e.target}), which relates a batch's samples "
-                                                           f"to each other: use replicas: 1 for its peers")
-
-
-#: most workers the ray engine starts for one topology
-MAX_WORKERS = 1024
-
-
-def ray_workers(topology: Topology) -> tuple[int, int, int]:
-    """(workers, worker groups, replicas) that placement gives the ray engine, without listing them."""
-    c = topology.config
-    grouped = {p for g in c.engine.colocate for p in g}
-    groups = len(c.engine.colocate) + sum(1 for p in c.peers if p not in grouped)
-    replicas = max(p.replicas for p in c.peers.values())
-    return groups * replicas, groups, replicas
-
-
-def _replicas_place(topology: Topology) -> str:
-    c = topology.config
-    most = max(c.peers, key=lambda p: c.peers[p].replicas)
-    return f"peers.{most}.replicas"
-
-
-def check_cluster_resources(topology: Topology, available: Mapping[str, float] | None = None) -> None:
-    """On the ray engine: the workers that placement starts, each asking for ``resources_per_worker``,
-    fit in the Ray cluster's resources (``ray.cluster_resources()`` when ``available`` is None);
-    otherwise Ray Train would wait for them forever."""
-    c = topology.config
-    if available is None:
-        import ray
-
-        available = ray.cluster_resources()
-    world, groups, replicas = ray_workers(topology)
-    for name, amount in sorted((dict(c.engine.resources_per_worker) or {"CPU": 1.0}).items()):
-        need, have = world * amount, float(available.get(name, 0))
-        if need > have:
-            where = _replicas_place(topology) if replicas > 1 else "engine.resources_per_worker"
-            raise TopologyError(where, f"the ray engine starts {world} workers ({groups} peer group(s) × {replicas} "
-                                       f"replica(s)) of {amount:g} {name} each: {need:g} {name} in all, but the Ray "
-                                       f"cluster has {have:g}")
-
-
-def _check_worker_count(topology: Topology) -> None:
-    if topology.config.engine.name != "ray":
-        return
-    world, groups, replicas = ray_workers(topology)
-    if world > MAX_WORKERS:
-        raise TopologyError(_replicas_place(topology), f"the ray engine would start {world:,} workers ({groups} peer "
-                                                       f"group(s) × {replicas} replicas); at most {MAX_WORKERS:,}")
-
-
 def _keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
@@ -295,6 +211,8 @@ def check_topology(topology: Topology) -> None:
 
     from ..data.expand import EXPANSIONS
 
+    if c.engine.name not in engines():
+        raise TopologyError("engine.name", suggest(c.engine.name, engines(), "engine"))
     if c.data.expand not in EXPANSIONS:
         raise TopologyError("data.expand", suggest(c.data.expand, EXPANSIONS, "expansion"))
 
@@ -423,9 +341,7 @@ def check_topology(topology: Topology) -> None:
             if p in colocated:
                 raise TopologyError(f"engine.colocate[{i}][{j}]", f"peer '{p}' is already in colocate[{colocated[p]}]")
             colocated[p] = i
-    _check_source_models_colocated(topology, colocated)
-    _check_relational_replicas(topology)
-    _check_worker_count(topology)
+    engines()[c.engine.name].check(topology)  # what the chosen engine cannot run
 
 
 def _nodes_hint(topology: Topology) -> str:

@@ -1,19 +1,23 @@
-"""Turn topology entries into live objects: models, losses, combiners, optimizers, schedules."""
+"""Turn topology entries into live objects: models, losses, combiners, optimizers, schedules (used by the
+plan's dry run, producing stages and the engines)."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..losses import COMBINERS, LOSSES, VIRTUAL_TEACHERS
-from ..topology.graph import Edge
-from ..topology.schema import EnsembleConfig, OptimizerConfig, PeerConfig, ScheduleConfig, VirtualConfig
+from .losses import COMBINERS, LOSSES, VIRTUAL_TEACHERS
+
+if TYPE_CHECKING:  # the topology layer calls these; they only read its entries
+    from .topology.graph import Edge
+    from .topology.schema import EnsembleConfig, OptimizerConfig, PeerConfig, ScheduleConfig, VirtualConfig
 
 
 def build_model_for(peer: PeerConfig, info) -> nn.Module:
     """The peer's network, sized to the data set's channels and classes."""
-    from ..models import build_model
+    from .models import build_model
 
     return build_model(peer.model, in_channels=info.in_channels, num_classes=info.num_classes, **peer.model_args)
 

@@ -1,7 +1,7 @@
-"""The engine-agnostic step: forward, derived nodes, per-peer losses, backward, update.
+"""The run-time state of a worker's peers and the synchronous step: forward, derived nodes, losses, update.
 
-Both engines drive the same :class:`Runtime`; the local engine holds every peer, a ray
-worker only its own and receives the other peers' taps before computing losses.
+Both engines drive the same :class:`Runtime` from one epoch loop (engine/loop.py); the local engine
+holds every peer, a ray worker only its own and receives the other peers' taps before computing losses.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from ..errors import DivergenceError
 from ..losses.base import Clock
 from ..models import TappedModel
 from ..topology.graph import Stage, Topology
-from ..topology.plan import active_edges, needed_taps, peers_in_use
+from ..topology.plan import ExchangePlan, active_edges, peers_in_use
 from . import checkpoint as ckpt
 from ..data.expand import build_expansion
-from .build import build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual
+from ..build import build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual
 
 Outputs = dict[str, dict[str, Tensor]]
 
@@ -132,7 +132,7 @@ class Runtime:
     """
 
     def __init__(self, topology: Topology, info, device: torch.device | str = "cpu", owned: Iterable[str] | None = None,
-                 train_targets: Tensor | None = None):
+                 train_targets: Tensor | None = None, plan: ExchangePlan | None = None):
         self.topology, self.info = topology, info
         self.device = torch.device(device)
         c = topology.config
@@ -145,7 +145,7 @@ class Runtime:
                 loss = build_loss(e)
                 self.peers[e.target].edges[e.key] = loss
                 self.losses[e.index] = loss
-        self._build_edge_modules()
+        self._build_edge_modules(plan)
         self.clock = Clock()  # the one clock every loss reads (EdgeContext.clock); advanced in finish_step
         self._attach_edges(train_targets)
         total = {p: sum(s.epochs for s in topology.stages if p in s.train) for p in self.peers}
@@ -161,15 +161,20 @@ class Runtime:
         self._views: dict[int, object] = {}
         self._view_data = None
         self.step_log = None  # an open file: one JSON line per step and trained peer (equivalence tests)
-        self.grad_sync: Callable[[list[Peer]], None] | None = None  # replicas average gradients here
+        self.grad_sync: Callable[[list[Peer], int], None] | None = None  # replicas average gradients here
+        self.step_samples = 0
         self.queries: dict[str, int] = {p: 0 for p, peer in self.peers.items() if peer.cfg.blackbox}
         self.recorded: dict[str, Tensor] = {}  # black-box peer → its answers recorded with the stage's data set
 
-    def _build_edge_modules(self) -> None:
-        """Let each owned edge loss see its taps' shapes (one dry forward) and create its modules."""
-        from ..topology.plan import build_plan
+    def _build_edge_modules(self, plan: ExchangePlan | None) -> None:
+        """Let each owned edge loss see its taps' shapes (the plan's dry forward, run here unless given) and
+        create its modules."""
+        if plan is None:
+            from ..topology.plan import build_plan
 
-        plan = self.plan = build_plan(self.topology, self.info)
+            with torch.random.fork_rng(devices=[]):  # whoever runs the dry forward, training draws alike
+                plan = build_plan(self.topology, self.info)
+        self.plan = plan
         logit_shape = torch.Size((self.info.num_classes,))
         for e in self.topology.edges:
             if e.index not in self.losses:
@@ -211,7 +216,7 @@ class Runtime:
         self.recorded = {}
         self.active = active_edges(self.topology, stage)
         self.in_use = peers_in_use(self.topology, stage)
-        taps = needed_taps(self.topology, stage, {e.index: build_loss(e) for e in self.active})
+        taps = self.plan.stage_taps[next(i for i, s in enumerate(self.topology.stages) if s is stage)]
         self.phases = sorted({0} | {self.losses[e.index].phase for e in self.active if e.index in self.losses})
         for name, peer in self.peers.items():
             peer.tapped.set_taps(sorted(taps[name] - {"logits"}))
@@ -382,7 +387,7 @@ class Runtime:
                 o.zero_grad(set_to_none=True)
             torch.stack([totals[p.peer_name] for p in peers]).sum().backward()
             if self.grad_sync is not None:
-                self.grad_sync(peers)
+                self.grad_sync(peers, self.step_samples)
             for o in opts:
                 o.step()
             return
@@ -398,7 +403,7 @@ class Runtime:
         scaled = [p.scaler.scale(totals[p.peer_name]) for p in plain]
         torch.stack(scaled).sum().backward() if len(scaled) > 1 else scaled[0].backward()
         if self.grad_sync is not None:
-            self.grad_sync(plain)
+            self.grad_sync(plain, self.step_samples)
         for p in plain:
             p.scaler.step(p.optimizer)
             p.scaler.update()
@@ -415,18 +420,21 @@ class Runtime:
         peer = next(p for p, t in totals.items() if not bool(torch.isfinite(t)))
         raise DivergenceError(epoch, self.global_step, peer, "loss", float(totals[peer]))
 
-    def train_step(self, batch, epoch: int, epoch_in_stage: int) -> StepResult:
-        """The whole synchronous step when this process holds every peer it needs."""
-        x, y = batch.x.to(self.device, non_blocking=True), batch.y.to(self.device, non_blocking=True)
-        batch = batch._replace(x=x, y=y)
-        if batch.pair is not None:  # a sampler's extra samples (data.sampler) travel with the batch
-            batch = batch._replace(pair=batch.pair.to(self.device, non_blocking=True))
+    def train_step(self, batch, epoch: int, epoch_in_stage: int,
+                   exchange: Callable[[Outputs, int], Outputs] | None = None) -> StepResult:
+        """One synchronous step of the owned peers: inputs, forward, the taps other workers send
+        (``exchange(outs, rows)``; none when this process holds every peer it needs), derived nodes,
+        losses and update, once per phase."""
+        batch = batch.to(self.device, non_blocking=True)
+        self.step_samples = int(batch.y.shape[0])  # this shard's size, for weighting replicas' gradients
         xs = self.model_inputs(batch, epoch)
         result = None
         for phase in self.phases:  # a later phase sees the weights the earlier one just updated
             outs = self.forward(xs, [p for p in self.peers if p in self.in_use and p not in self.recorded])
             outs.update(self.recorded_outputs(batch.index))
-            outs.update(self.derived(outs, y))
+            if exchange is not None:
+                outs.update(exchange(outs, self.expansion.rows(self.step_samples)))
+            outs.update(self.derived(outs, batch.y))
             result = self.finish_step(outs, batch, epoch, epoch_in_stage, phase=phase, result=result)
         return result
 
@@ -500,17 +508,24 @@ class Runtime:
                 out[name] = comb.evaluate([logits[m] for m in members])
         return out
 
-    def refit_ensembles(self, holdout_stream) -> None:
-        """Refit combiners that learn their weights on the held-out split (KDCL-Linear)."""
+
+    def refit_ensembles(self, holdout_stream, gather=None, contribute: bool = True) -> None:
+        """Refit combiners that learn their weights on the held-out split (KDCL-Linear).
+
+        ``gather(logits, labels)`` collects the members' held-out logits from every worker (None: this
+        process holds them all); ``contribute``: this worker's peers send theirs (replica 0)."""
         due = [n for n, c in self.combiners.items()
                if c.refit_every and self.global_step % c.refit_every == 0 and self.global_step > 0]
         if not due or holdout_stream is None:
             return
-        members = sorted({m for n in due for m in self.topology.config.ensembles[n].members})
-        logits, y = self.logits_over(holdout_stream, members)
+        ensembles = self.topology.config.ensembles
+        members = sorted({m for n in due for m in ensembles[n].members})
+        mine = [m for m in members if m in self.peers] if contribute else []
+        logits, y = self.logits_over(holdout_stream, mine) if mine else ({}, None)
+        if gather is not None:
+            logits, y = gather(logits, y)
         for n in due:
-            self.combiners[n].refit([logits[m] for m in self.topology.config.ensembles[n].members], y)
-
+            self.combiners[n].refit([logits[m].to(self.device) for m in ensembles[n].members], y.to(self.device))
 
 def topk_correct(logits: Tensor, y: Tensor, ks=(1, 5)) -> dict[int, int]:
     """Number of samples whose label is among the top-k logits, per k (k capped at the class count)."""

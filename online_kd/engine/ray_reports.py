@@ -1,0 +1,52 @@
+"""Controller-side reporting of the ray engine: every rank's epoch report merged and logged once."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+
+from ..rundir import RunDir
+from . import ray_checkpoint
+from .checkpoint import atomic_write_text, fault_point
+from .options import RunOptions
+from .record import epoch_record, merge_reports
+from .report import Reporter
+
+
+def options_dict(opts: RunOptions) -> dict:
+    return {"out_dir": str(Path(opts.out_dir).resolve()), "tracking": opts.tracking, "quiet": opts.quiet,
+            "tracking_uri": opts.tracking_uri}
+
+
+class EpochReports(UserCallback):
+    """Controller-side: merges every rank's epoch report and logs it once (MLflow, history, progress)."""
+
+    def __init__(self, raw: dict, options: dict, tracker_state: dict | None):
+        self.raw, self.options, self.tracker_state = raw, options, tracker_state
+        self._reporter = None
+
+    def _get_reporter(self) -> Reporter:
+        if self._reporter is None:
+            from ..topology import load_topology
+
+            topo = load_topology(self.raw, check=False)
+            opts = RunOptions(out_dir=Path(self.options["out_dir"]), tracking=self.options["tracking"],
+                              quiet=self.options["quiet"], tracking_uri=self.options["tracking_uri"])
+            self._reporter = Reporter(topo, opts, history=RunDir(opts.out_dir).history(), tracker_state=self.tracker_state)
+            self._reporter.attach()
+        return self._reporter
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        rep = self._get_reporter()
+        records = None
+        if checkpoint is not None:  # Ray has committed it: its history is the truth, the records follow it
+            fault_point("ray-reported")
+            atomic_write_text(str(checkpoint.path), rep.run.checkpoints / "latest")
+            records = ray_checkpoint.committed_history(checkpoint)
+        if records is None:
+            records = [epoch_record(rep.topology.nodes, rep.history, *merge_reports(metrics))]
+        logged = {h["epoch"] for h in rep.history}
+        for record in records:  # epochs a killed controller committed but never logged, then this one
+            if record["epoch"] not in logged:  # a re-run after a restart is logged once
+                rep.log_record(record)
