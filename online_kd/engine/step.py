@@ -23,6 +23,7 @@ from ..topology.graph import Stage, Topology
 from ..topology.plan import active_edges, needed_taps, peers_in_use
 from . import checkpoint as ckpt
 from ..data.expand import build_expansion
+from .gather import ReplicaGather
 from .build import build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual
 
 Outputs = dict[str, dict[str, Tensor]]
@@ -147,6 +148,7 @@ class Runtime:
                 self.losses[e.index] = loss
         self._build_edge_modules()
         self.clock = Clock()  # the one clock every loss reads (EdgeContext.clock); advanced in finish_step
+        self.gather = ReplicaGather()  # EdgeContext.gather: the identity until a ray worker joins its replica group
         self._attach_edges(train_targets)
         total = {p: sum(s.epochs for s in topology.stages if p in s.train) for p in self.peers}
         for name, peer in self.peers.items():
@@ -198,7 +200,7 @@ class Runtime:
                 loss.attach(EdgeContext(source_model=source, train_targets=train_targets,
                                         num_train=None if train_targets is None else len(train_targets),
                                         num_classes=self.info.num_classes, target_model=self.peers[e.target].net,
-                                        clock=self.clock, seed=self.topology.config.train.seed,
+                                        clock=self.clock, gather=self.gather, seed=self.topology.config.train.seed,
                                         expansion=self.expansion))
             except ValueError as err:
                 raise TopologyError(e.origin, f"{e.source}→{e.target} ({e.loss}): {err}") from None

@@ -96,6 +96,7 @@ def train_worker(config: dict) -> None:
     shard = {"size": 0}
     if replicas > 1:
         rt.grad_sync = _grad_sync(replica_group, lambda: shard["size"])
+        rt.gather.join(replica_group)  # batch-relational losses see the whole batch
     own_groups = [dist.new_group([r]) for r in range(dist.get_world_size())]  # every rank creates every group
     for name, peer in rt.peers.items():
         if peer.cfg.deepspeed is not None and peer.optimizer is not None:

@@ -215,25 +215,6 @@ def _check_source_models_colocated(topology: Topology, colocated: dict[str, int]
                                                     f"(engine.colocate: [[{e.source}, {e.target}]])")
 
 
-def _check_relational_replicas(topology: Topology) -> None:
-    """On the ray engine a peer's replicas each see a shard of the batch; a loss that relates the batch's
-    samples to each other (``relates_samples``) would relate only a shard's, so it is refused there."""
-    from ..losses import LOSSES
-
-    c = topology.config
-    if c.engine.name != "ray":
-        return
-    for e in topology.edges:
-        if not LOSSES[e.loss].relates_samples:
-            continue
-        for p in (e.target, *sorted(topology.peer_sources(e.source))):
-            if c.peers[p].replicas > 1:
-                raise TopologyError(f"peers.{p}.replicas", f"{c.peers[p].replicas} replicas would each relate only "
-                                                           f"their shard of the batch in loss '{e.loss}' ({e.origin}, "
-                                                           f"{e.source}→{e.target}), which relates a batch's samples "
-                                                           f"to each other: use replicas: 1 for its peers")
-
-
 def _keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
@@ -383,7 +364,6 @@ def check_topology(topology: Topology) -> None:
                 raise TopologyError(f"engine.colocate[{i}][{j}]", f"peer '{p}' is already in colocate[{colocated[p]}]")
             colocated[p] = i
     _check_source_models_colocated(topology, colocated)
-    _check_relational_replicas(topology)
 
 
 def _nodes_hint(topology: Topology) -> str:
