@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DivergenceError
+from ..errors import DivergenceError, TopologyError
 from ..losses.base import Clock
 from ..models import TappedModel
 from ..topology.graph import Stage, Topology
@@ -63,7 +63,10 @@ class Peer(nn.Module):
             torch.manual_seed(peer_seed(topology.config.train.seed, name))
             self.net = build_model_for(cfg, info)
         if cfg.init:
-            self.net.load_state_dict(ckpt.load_init(cfg.init))
+            try:
+                ckpt.load_init_into(self.net, cfg.init)
+            except ValueError as err:
+                raise TopologyError(f"peers.{name}.init", str(err)) from None
         self.tapped = TappedModel(self.net)
         self.edges = nn.ModuleDict()  # edge.key → EdgeLoss, parameters owned by this peer
         self.to(device)
@@ -185,7 +188,6 @@ class Runtime:
 
     def _attach_edges(self, train_targets: Tensor | None) -> None:
         """Hand each owned loss its context; a loss that reads the source network needs it in this process."""
-        from ..errors import TopologyError
         from ..losses import EdgeContext
 
         for e in self.topology.edges:
