@@ -21,10 +21,11 @@ ZOO = [
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
     "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
     "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "mobilenetv2", "shufflenetv1", "shufflenetv2",
+    "preact_resnet18", "resnet8_zeropad", "resnet26_zeropad", "vgg16_5pool",
 ]
 SMALL = ["mlp", "convnet", "convnet_small"]
 RESNETS = [n for n in ZOO if n.startswith("resnet")]
-N_STAGES = {**{n: 3 for n in ZOO}, **{n: 4 for n in ZOO if n.startswith("vgg")},
+N_STAGES = {**{n: 3 for n in ZOO}, **{n: 4 for n in ZOO if n.startswith("vgg")}, "preact_resnet18": 4,
             "mobilenetv2": 5, "shufflenetv2": 4, "mlp": 2, "convnet": 3, "convnet_small": 2}
 
 
@@ -99,6 +100,8 @@ PARAMS = [
     ("mobilenetv2", 100, 0.81e6),   # measured 812,836
     ("shufflenetv1", 100, 0.95e6),  # measured 949,252
     ("shufflenetv2", 100, 1.36e6),  # measured 1,355,528
+    ("preact_resnet18", 100, 11.2e6),  # CS-KD's ResNet-18; measured 11,217,444
+    ("resnet26_zeropad", 10, 0.37e6),   # BSS's ResNet-26; measured 366,938
 ]
 
 
@@ -234,3 +237,51 @@ def test_deepcopy_and_pickle_keep_taps_independent():
     for m in (clone, loaded):
         assert m(x)["pool"].shape == (2, 64)
         assert not tapped._captured and not m._captured  # nothing kept between steps
+
+
+def test_zeropad_resnet_counts_and_option_a_shortcut():
+    """BSS's ZeroPadBlock: parameter-free shortcut = every 2nd pixel of the input, new channels zero."""
+    # stem 3·16·9 + BN; three stages of one block (two 3x3 convs + two BNs); fc 64·10 + 10
+    convs = 3 * 16 * 9 + 16 * 16 * 9 * 2 + (16 * 32 + 32 * 32) * 9 + (32 * 64 + 64 * 64) * 9
+    bns = 2 * (16 + 16 * 2 + 32 * 2 + 64 * 2)
+    model = build_model("resnet8_zeropad", 3, 10).eval()
+    assert n_params(model) == convs + bns + 64 * 10 + 10 == 75_290
+    assert n_params(build_model("resnet8", 3, 10)) - n_params(model) == 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+    block = model.layer2[0]
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        branch = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x)))))
+        shortcut = torch.cat([x[:, :, ::2, ::2], torch.zeros(2, 16, 4, 4)], 1)
+        torch.testing.assert_close(block(x), F.relu(branch + shortcut))
+    out = TappedModel(model, ["stage3", "stage3_pre", "pool"])(torch.randn(2, 3, 32, 32))
+    assert out["stage3"].shape == (2, 64, 8, 8)
+    torch.testing.assert_close(F.relu(out["stage3_pre"]), out["stage3"], rtol=0, atol=0)
+
+
+def test_vgg16_5pool_is_active_mixups_vgg16():
+    """Same layers as vgg16, but stage4 is pooled to 1x1 by a fifth max-pool before the classifier."""
+    five, four = build_model("vgg16_5pool", 3, 10).eval(), build_model("vgg16", 3, 10)
+    assert list(five.state_dict()) == list(four.state_dict())
+    assert n_params(five) == n_params(four) == 14_728_266
+    out = TappedModel(five, ["stage3", "stage4", "pool"])(torch.randn(2, 3, 32, 32))
+    assert out["stage3"].shape == (2, 512, 4, 4) and out["stage4"].shape == (2, 512, 2, 2)
+    torch.testing.assert_close(out["pool"], out["stage4"].amax((2, 3)))
+    torch.testing.assert_close(out["logits"], five.classifier(out["stage4"].amax((2, 3))))
+
+
+def test_preact_resnet18_is_cskd_cifar_resnet18():
+    """CS-KD's CIFAR_ResNet18: its parameter names, 11.2M parameters, no ReLU after the last stage."""
+    model = build_model("preact_resnet18", 3, 100).eval()
+    keys = set(model.state_dict())
+    assert {"conv1.weight", "bn1.running_var", "layer1.0.bn1.weight", "layer1.1.conv2.weight",
+            "layer2.0.shortcut.0.weight", "layer4.1.bn2.bias", "linear.weight", "linear.bias"} <= keys
+    assert not any("layer1.0.shortcut" in k or "layer2.1.shortcut" in k for k in keys)  # identity shortcuts
+    out = TappedModel(model, ["stem", "stage4", "pool"])(torch.randn(2, 3, 32, 32))
+    assert out["stem"].shape == (2, 64, 32, 32) and out["stage4"].shape == (2, 512, 4, 4)
+    assert (out["stage4"] < 0).any()  # the raw residual sum
+    torch.testing.assert_close(out["pool"], out["stage4"].mean((2, 3)))
+    block, x = model.layer2[0], torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        act = F.relu(block.bn1(x))
+        expected = block.conv2(F.relu(block.bn2(block.conv1(act)))) + block.shortcut[0](act)
+        torch.testing.assert_close(block(x), expected)

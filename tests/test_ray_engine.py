@@ -130,6 +130,42 @@ def test_two_replicas_match_one_with_the_whole_batch(tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two", ["a", "b"], tol=1e-5)
 
 
+def rank_step_losses(out: Path, rank: int) -> dict[tuple[int, str], float]:
+    rows = (json.loads(line) for line in (out / "steps" / f"rank{rank}.jsonl").read_text().splitlines())
+    return {(r["step"], r["peer"]): r["loss"] for r in rows}
+
+
+@pytest.mark.parametrize("name", ["sp", "crd"])
+def test_batch_relational_losses_with_two_replicas_match_one_worker(tmp_path, name):
+    """SP's Gram matrices and CRD's banks see the whole batch through the replicas' gather: 2 replicas
+    (shards of 32 and 31 samples) give one worker's per-step losses, final weights and CRD banks."""
+    raw = yaml.safe_load((ROOT / "topologies" / "quick" / f"{name}.yaml").read_text())
+    for peer in raw["peers"].values():
+        peer["model"] = "mlp"  # no BatchNorm: replicas see half-batch statistics otherwise
+    raw["edges"][0].update(tap="stage2", source_tap="stage2") if name == "sp" else None
+    raw["train"].update(epochs=1, threads=1, max_steps_per_epoch=3)
+    raw["data"]["batch_size"] = 63  # unequal shards: the gradient of each shard's slice is scaled by N/n_r
+    one = load_topology(raw)
+    for peer in raw["peers"].values():
+        peer["replicas"] = 2
+    raw["engine"] = {"name": "ray", "colocate": [list(raw["peers"])]}  # two workers, each a replica of both
+    two = load_topology(raw)
+    run(LocalEngine, one, tmp_path / "one")
+    run(RayEngine, two, tmp_path / "two")
+    whole = step_losses(tmp_path / "one")
+    r0, r1 = rank_step_losses(tmp_path / "two", 0), rank_step_losses(tmp_path / "two", 1)
+    assert whole.keys() == r0.keys() == r1.keys() and len(whole) == 6
+    # each replica's total is CE of its shard + the whole batch's edge loss: their shard-weighted mean is one worker's
+    worst = max(abs(whole[k] - (32 * r0[k] + 31 * r1[k]) / 63) for k in whole)
+    assert worst <= 1e-5, worst
+    assert_same_weights(tmp_path / "one", tmp_path / "two", list(raw["peers"]), tol=1e-5)
+    edges_one = ckpt.load(ckpt.latest_checkpoint(tmp_path / "one" / "checkpoints") / ckpt.peer_file("student"))["edges"]
+    edges_two = ckpt.load(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints") / ckpt.peer_file("student"))["edges"]
+    for key, state in edges_one.items():  # CRD: embeddings, banks, Z and step counter as one worker's
+        for k, v in state.items():
+            assert torch.allclose(v.float(), edges_two[key][k].float(), atol=1e-5), (key, k)
+
+
 def test_killed_worker_resumes_from_checkpoint_with_one_unbroken_history(tmp_path):
     epochs = 12
     topo = quick("dml", **{"train.epochs": epochs, "engine.max_failures": 1})

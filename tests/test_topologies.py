@@ -14,7 +14,7 @@ ALL = sorted((ROOT / "topologies").rglob("*.yaml"))
 def test_topology_validates(path):
     topo = load_topology(path)
     plan = build_plan(topo)
-    assert plan.shapes and topo.edges
+    assert plan.shapes and (topo.edges or path.parent.name == "teachers")  # a teacher trains alone
     for e in topo.edges:
         assert e.source in topo.nodes and e.target in topo.config.peers
 

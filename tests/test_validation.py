@@ -674,15 +674,10 @@ def test_cli_set_errors_exit_2(tmp_path):
     assert r.stdout.startswith("ok: quick-kd: 2 peers, 0 ensembles, 0 edges")
 
 
-@pytest.mark.parametrize("name, peer", [("sp", "student"), ("rkd", "teacher"), ("crd", "student"),
-                                        ("infoflow", "student")])
-def test_losses_relating_a_batch_refuse_replicas_on_ray(name, peer):
-    """A replica sees a shard of the batch: SP/RKD's B×B relations, CRD's banks and infoflow's kernels would
-    relate only the shard's samples, so the ray engine refuses replicas on such an edge's peers."""
-    sets = {"engine.name": "ray", f"peers.{peer}.replicas": 2}
-    with pytest.raises(TopologyError) as err:
-        load_topology(QUICK / f"{name}.yaml", sets)
-    assert str(err.value).startswith(f"peers.{peer}.replicas: 2 replicas would each relate only their shard"), err.value
-    assert f"loss '{name}'" in str(err.value)
-    load_topology(QUICK / f"{name}.yaml", {**sets, "engine.name": "local"})  # one process sees the whole batch
-    load_topology(QUICK / "kd.yaml", {"engine.name": "ray", "peers.student.replicas": 2})  # per-sample losses: fine
+@pytest.mark.parametrize("name", ["sp", "rkd", "crd", "infoflow"])
+def test_losses_relating_a_batch_accept_replicas_on_ray(name):
+    """SP/RKD's relations, CRD's banks and infoflow's kernels gather the whole batch over a peer's replicas
+    (online_kd.engine.gather), so the ray engine takes replicas on their peers."""
+    raw = yaml.safe_load((QUICK / f"{name}.yaml").read_text())
+    topo = load_topology(raw, {"engine.name": "ray", **{f"peers.{p}.replicas": 2 for p in raw["peers"]}})
+    assert {p.replicas for p in topo.config.peers.values()} == {2}

@@ -190,9 +190,48 @@ def describe_kept(path: Path | None, next_epoch: int | None) -> str:
     return f"the last good checkpoint is kept: {path}, after epoch {next_epoch - 1}"
 
 
+#: entries that hold the state dict in a wrapped checkpoint: ours and RepDistiller's/mdistiller's ('model'), others'
+STATE_DICT_ENTRIES = ("model", "state_dict", "net")
+DATA_PARALLEL_PREFIX = "module."
+
+
 def load_init(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A peer's ``init``: a plain state_dict, or a peer file of ours (its 'model' entry)."""
-    obj = load(Path(path).expanduser())
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        return obj["model"]
+    """A peer's ``init``: a plain state_dict, a peer file of ours, or a published checkpoint.
+
+    Published CIFAR teachers load as they are: RepDistiller's ``ckpt_epoch_240.pth`` / ``<model>_best.pth``
+    (``{'epoch', 'model': state_dict, 'accuracy', 'optimizer'}``) and mdistiller's
+    ``download_ckpts/cifar_teachers/<model>_vanilla/ckpt_epoch_240.pth`` (the same files, read as
+    ``load_checkpoint(path)['model']``). The state dict is the first of :data:`STATE_DICT_ENTRIES` that
+    holds a dict; a ``module.`` prefix on every key (saved through ``nn.DataParallel``) is dropped. The
+    zoo's CIFAR nets use RepDistiller's parameter names, so no other key mapping is needed.
+    ValueError when the file holds Python objects beyond tensors (RepDistiller's ``<model>_last.pth``
+    stores its argparse options): it is read with ``weights_only=True``.
+    """
+    try:
+        obj = load(Path(path).expanduser())
+    except pickle.UnpicklingError:
+        raise ValueError(f"'{path}' holds Python objects beyond tensors, which are not loaded (weights_only); "
+                         "use a checkpoint of tensors only (RepDistiller: ckpt_epoch_N.pth or <model>_best.pth, "
+                         "not <model>_last.pth)") from None
+    if isinstance(obj, dict):
+        entry = next((k for k in STATE_DICT_ENTRIES if isinstance(obj.get(k), dict)), None)
+        obj = obj[entry] if entry is not None else obj
+        if obj and all(isinstance(k, str) and k.startswith(DATA_PARALLEL_PREFIX) for k in obj):
+            obj = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in obj.items()}
     return obj
+
+
+def load_init_into(net: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load :func:`load_init`'s state dict strictly into ``net``; ValueError naming the keys that do not fit."""
+    state = load_init(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"'{path}' holds a {type(state).__name__}, not a state dict")
+    result = None
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"'{path}' does not fit {type(net).__name__}: {str(err).splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = [f"{what} {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''} ({len(keys)})"
+                 for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+        raise ValueError(f"'{path}' does not fit {type(net).__name__}: {'; '.join(parts)}")

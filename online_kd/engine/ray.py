@@ -88,16 +88,6 @@ class RayEngine(Engine):
                                     f"loss '{e.loss}' reads the network of '{e.source}' itself: on the ray engine put "
                                     f"'{e.source}' and '{e.target}' in one worker "
                                     f"(engine.colocate: [[{e.source}, {e.target}]])")
-        for e in topology.edges:
-            # replicas each see a shard of the batch: a loss relating a batch's samples would relate only a shard's
-            if not LOSSES[e.loss].relates_samples:
-                continue
-            for p in (e.target, *sorted(topology.peer_sources(e.source))):
-                if c.peers[p].replicas > 1:
-                    raise TopologyError(f"peers.{p}.replicas",
-                                        f"{c.peers[p].replicas} replicas would each relate only their shard of the "
-                                        f"batch in loss '{e.loss}' ({e.origin}, {e.source}→{e.target}), which relates "
-                                        f"a batch's samples to each other: use replicas: 1 for its peers")
         world, groups, replicas = ray_workers(topology)
         if world > MAX_WORKERS:
             raise TopologyError(_replicas_place(topology), f"the ray engine would start {world:,} workers ({groups} "

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DivergenceError
+from ..errors import DivergenceError, TopologyError
 from ..losses.base import Clock
 from ..models import TappedModel
 from ..topology.graph import Stage, Topology
@@ -24,6 +24,7 @@ from ..topology.plan import ExchangePlan, active_edges, peers_in_use
 from . import checkpoint as ckpt
 from ..data.expand import build_expansion
 from ..build import build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual
+from .gather import ReplicaGather
 
 Outputs = dict[str, dict[str, Tensor]]
 
@@ -62,7 +63,10 @@ class Peer(nn.Module):
             torch.manual_seed(peer_seed(topology.config.train.seed, name))
             self.net = build_model_for(cfg, info)
         if cfg.init:
-            self.net.load_state_dict(ckpt.load_init(cfg.init))
+            try:
+                ckpt.load_init_into(self.net, cfg.init)
+            except ValueError as err:
+                raise TopologyError(f"peers.{name}.init", str(err)) from None
         self.tapped = TappedModel(self.net)
         self.edges = nn.ModuleDict()  # edge.key → EdgeLoss, parameters owned by this peer
         self.to(device)
@@ -147,6 +151,7 @@ class Runtime:
                 self.losses[e.index] = loss
         self._build_edge_modules(plan)
         self.clock = Clock()  # the one clock every loss reads (EdgeContext.clock); advanced in finish_step
+        self.gather = ReplicaGather()  # EdgeContext.gather: the identity until a ray worker joins its replica group
         self._attach_edges(train_targets)
         total = {p: sum(s.epochs for s in topology.stages if p in s.train) for p in self.peers}
         for name, peer in self.peers.items():
@@ -188,7 +193,6 @@ class Runtime:
 
     def _attach_edges(self, train_targets: Tensor | None) -> None:
         """Hand each owned loss its context; a loss that reads the source network needs it in this process."""
-        from ..errors import TopologyError
         from ..losses import EdgeContext
 
         for e in self.topology.edges:
@@ -203,7 +207,7 @@ class Runtime:
                 loss.attach(EdgeContext(source_model=source, train_targets=train_targets,
                                         num_train=None if train_targets is None else len(train_targets),
                                         num_classes=self.info.num_classes, target_model=self.peers[e.target].net,
-                                        clock=self.clock, seed=self.topology.config.train.seed,
+                                        clock=self.clock, gather=self.gather, seed=self.topology.config.train.seed,
                                         expansion=self.expansion))
             except ValueError as err:
                 raise TopologyError(e.origin, f"{e.source}→{e.target} ({e.loss}): {err}") from None

@@ -84,6 +84,7 @@ class DistCollective(Collective):
                                exchange_dtype(c.train.precision))
         if self.replicas > 1:
             rt.grad_sync = _grad_sync(self.replica_group)
+            rt.gather.join(self.replica_group)  # batch-relational losses see the whole batch
         for name, peer in rt.peers.items():
             if peer.cfg.deepspeed is not None and peer.optimizer is not None:
                 peer.ds = zero.wrap(peer, zero.read_config(name, peer.cfg.deepspeed.config),

@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from ..finite import FiniteModel
+
+
+def local_gather(*tensors: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """EdgeContext.gather in one process: the identity, as it already holds the whole batch."""
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 class Params(FiniteModel):
@@ -71,6 +76,9 @@ class EdgeContext:
     clock: Clock = field(default_factory=Clock)  # the run's live clock (see Clock)
     seed: int = 0                   # train.seed: for a loss's own draws, hashed with the clock and sample indices
     expansion: Any = None           # data.expand (online_kd.data.expand): joint labels, anchor rows; None: identity
+    # gather(*tensors): per-sample tensors for the whole batch when the target peer has replicas (its own
+    # slice keeps its gradient); the identity in one process. See online_kd.engine.gather.
+    gather: Callable[..., Any] = local_gather
 
 
 class EdgeLoss(nn.Module):
@@ -86,7 +94,9 @@ class EdgeLoss(nn.Module):
     needs_source_model: ClassVar[bool] = False  # reads the source network itself (e.g. its BN statistics)
     batch_fields: ClassVar[frozenset[str]] = frozenset()  # extra Batch fields it reads ('pair': data.sampler)
     needs_expansion: ClassVar[bool] = False  # reads expanded views' joint labels (a data.expand other than none)
-    relates_samples: ClassVar[bool] = False  # relates a batch's samples to each other (B×B matrices, banks by index)
+    # relates a batch's samples to each other (B×B matrices, banks by index): reads them through self.gather
+    relates_samples: ClassVar[bool] = False
+    gather = staticmethod(local_gather)  # the run's EdgeContext.gather once attached
     phase: ClassVar[int] = 0  # 0: the main update with CE; 1: a separate update after it (AFD's adversarial step)
     source_kinds: ClassVar[frozenset[str]] = frozenset({"peer", "ensemble", "virtual"})
 
@@ -104,7 +114,9 @@ class EdgeLoss(nn.Module):
             raise ValueError(f"source logits {tuple(s)} and target logits {tuple(t)} differ")
 
     def attach(self, ctx: EdgeContext) -> None:
-        """Take what the loss needs from the run (source model, training labels) before the first step."""
+        """Take what the loss needs from the run (source model, training labels, the gather hook) before the
+        first step; an override calls ``super().attach(ctx)``."""
+        self.gather = ctx.gather
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups of this edge's modules in the main (phase 0) update."""

@@ -8,6 +8,8 @@ anchor is scored against the *other* side's memory bank at its own sample index 
 and at K indices of other classes (negatives): out = exp(⟨bank[idx], v⟩/τ) / Z, with Z fixed on the
 first batch to mean(out)·N. Each side's binary NCE uses Pn = 1/N; the loss is their sum. After
 scoring, the banks move toward the new embeddings at the samples' indices (momentum 0.5).
+With replicas, ``forward`` reads the whole batch (features, indices, labels) through ``self.gather``,
+so every replica scores the same batch, draws the same negatives and updates identical banks.
 
 Everything that persists — banks (or queues), Z, the step counter and the sampler's seed — is a
 buffer, so it is checkpointed with the target peer. Negatives are drawn by a ``torch.Generator``
@@ -117,7 +119,7 @@ class CRD(EdgeLoss):
     place (the backward still needs them as scored), so a step briefly holds two copies of each.
     """
 
-    relates_samples = True  # negatives from banks keyed by sample index, updated per replica
+    relates_samples = True  # banks keyed by sample index: scored and updated with the whole batch (self.gather)
 
     Params = CRDParams
 
@@ -159,6 +161,7 @@ class CRD(EdgeLoss):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.int64))
 
     def attach(self, ctx: EdgeContext) -> None:
+        super().attach(ctx)
         p = self.params
         if ctx.train_targets is not None:
             self._index_labels(ctx.train_targets)
@@ -259,7 +262,10 @@ class CRD(EdgeLoss):
     # ------------------------------------------------------------------ loss
     def forward(self, source, target, batch):
         tap = self.params.tap
-        return self.crd(target[tap], source[tap], batch.index, batch.y)
+        f_s, f_t = self.gather(target[tap], source[tap])
+        # the whole batch's samples: every replica scores them and moves its banks alike, so banks never drift
+        index, y = self.gather(batch.index.to(f_s.device), batch.y)
+        return self.crd(f_s, f_t, index, y)
 
     def crd(self, f_s: Tensor, f_t: Tensor, index: Tensor, y: Tensor | None = None,
             contrast_idx: Tensor | None = None) -> Tensor:

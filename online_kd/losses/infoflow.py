@@ -114,7 +114,7 @@ class InfoFlow(EdgeLoss):
     the student on the transfer loss alone.
     """
 
-    relates_samples = True  # B×B conditional probabilities
+    relates_samples = True  # B×B conditional probabilities of the whole batch (self.gather)
 
     Params = InfoFlowParams
 
@@ -135,7 +135,7 @@ class InfoFlow(EdgeLoss):
         total = x.new_zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # kernels and logs in fp32 under bf16/fp16 runs
             for (t, s), w in zip(p.pairs, weights):
-                ft, fs = flatten_tap(target[t], p.pool.get(t)), flatten_tap(source[s], p.pool.get(s))
+                ft, fs = self.gather(flatten_tap(target[t], p.pool.get(t)), flatten_tap(source[s], p.pool.get(s)))
                 total = total + w * flow_divergence(fs, ft, p.kernel, p.eps, p.log_eps)
         return total
 

@@ -3,7 +3,7 @@
 SP (Tung & Mori, ICCV 2019) and RKD (Park et al., CVPR 2019) as RepDistiller
 (``distiller_zoo/SP.py``, ``RKD.py``) implements them. Both compare B×B (or B×B×B) structures, so
 teacher and student features may have any widths; neither owns trainable parts nor state.
-A batch split over replicas relates only the samples of each replica's shard.
+With replicas, both relate the whole batch (``self.gather``): every replica computes the whole-batch loss.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class SimilarityPreserving(_Relational):
     Params = SPParams
 
     def forward(self, source, target, batch):
-        s, t = target[self.params.tap], source[self.source_tap]
+        s, t = self.gather(target[self.params.tap], source[self.source_tap])
         with fp32(s):
             g_s, g_t = similarity(s), similarity(t)
         b = g_s.shape[0]
@@ -109,8 +109,8 @@ class RelationalKD(_Relational):
     Params = RKDParams
 
     def forward(self, source, target, batch):
-        s = target[self.params.tap].float().reshape(target[self.params.tap].shape[0], -1)
-        t = source[self.source_tap].float().reshape(source[self.source_tap].shape[0], -1)
+        s, t = self.gather(target[self.params.tap], source[self.source_tap])
+        s, t = s.float().reshape(s.shape[0], -1), t.float().reshape(t.shape[0], -1)
         if s.shape[0] < 2:
             return s.sum() * 0.0
         p = self.params

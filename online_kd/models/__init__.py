@@ -10,7 +10,7 @@ from torch import nn
 
 # Importing the family modules registers their models.
 from . import mobilenetv2, resnet, shufflenet, small, vgg, wrn  # noqa: F401
-from . import resnet_noskip  # noqa: F401
+from . import preact_resnet, resnet_noskip, resnet_zeropad  # noqa: F401
 from . import aux  # noqa: F401  (HSAKD '<name>_aux' models; after the families it wraps)
 from .registry import MODELS, get_factory, register_model
 from .taps import (

@@ -58,6 +58,8 @@ class CifarResNet(nn.Module):
     (32, 64, 128, 256) for the x4 variants.  Works for any input >= 8x8.
     """
 
+    block: type[nn.Module] = BasicBlock  # a subclass may swap the block (zero-pad shortcuts, no skip)
+
     def __init__(self, depth: int, widths: tuple[int, int, int, int], in_channels: int = 3,
                  num_classes: int = 100) -> None:
         super().__init__()
@@ -77,9 +79,9 @@ class CifarResNet(nn.Module):
         init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [BasicBlock(self.in_planes, planes, stride)]
+        layers = [self.block(self.in_planes, planes, stride)]
         self.in_planes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        layers += [self.block(planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def tap_points(self) -> dict[str, TapPoint]:
@@ -126,7 +128,7 @@ def resnet20(in_channels: int = 3, num_classes: int = 100, **kw) -> CifarResNet:
 
 @register_model("resnet26")
 def resnet26(in_channels: int = 3, num_classes: int = 100, **kw) -> CifarResNet:
-    """ResNet-26 (n=4): the BSS paper's CIFAR-10 teacher (its code pads shortcuts with zeros; here 1x1 convs)."""
+    """ResNet-26 (n=4) with 1x1-conv shortcuts (BSS's zero-padding teacher is ``resnet26_zeropad``)."""
     return CifarResNet(26, _W, in_channels, num_classes, **kw)
 
 

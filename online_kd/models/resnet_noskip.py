@@ -7,7 +7,6 @@ each block is conv-bn-relu-conv-bn-relu with no shortcut (and so no downsample b
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .resnet import _W, _W4, BasicBlock, CifarResNet
 from .registry import register_model
@@ -30,11 +29,7 @@ class PlainBlock(BasicBlock):
 class CifarPlainNet(CifarResNet):
     """A CIFAR ResNet of depth 6n+2 built from :class:`PlainBlock` (no residual connections)."""
 
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [PlainBlock(self.in_planes, planes, stride)]
-        self.in_planes = planes
-        layers += [PlainBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+    block = PlainBlock
 
 
 def _register(depth: int, widths: tuple[int, int, int, int], name: str) -> None:

@@ -4,6 +4,9 @@ Five conv blocks ``block0..block4`` (each conv3x3+bias, BN, ReLU; the block's la
 is the separate module ``reluK``), max-pool between blocks 0-1, 1-2, 2-3 (and 3-4 only
 for inputs >= 64 px, as RepDistiller does for 64x64), global avg pool, one Linear.
 Parameter names follow RepDistiller's ``models/vgg.py`` so its checkpoints load.
+``vgg16_5pool`` is the VGG-16 of Active Mixup's official code (dwang181/active-mixup ``models/vgg.py``):
+a max-pool after every one of the five blocks (1x1 before the pool on 32x32 input; a pool is skipped
+once the map is 1 px, e.g. on 8x8 digits), same layers and parameter count as ``vgg16``.
 
 Taps: ``stem`` = block0 output (post-ReLU); ``stage1..4`` = outputs of block1..block4
 after their ReLU (RepDistiller's block1..block4 feature points: 16, 8, 4, 4 px on
@@ -43,8 +46,12 @@ def _make_block(channels: list[int], in_channels: int) -> nn.Sequential:
 class VGG(nn.Module):
     """CIFAR VGG-BN; ``cfg`` is one of :data:`CFG`."""
 
-    def __init__(self, cfg: list[list[int]], in_channels: int = 3, num_classes: int = 100) -> None:
+    def __init__(self, cfg: list[list[int]], in_channels: int = 3, num_classes: int = 100,
+                 max_pools: int | None = None) -> None:
         super().__init__()
+        if max_pools not in (None, 5):
+            raise ValueError(f"max_pools must be None (RepDistiller's placement) or 5, not {max_pools}")
+        self.max_pools = max_pools
         prev = in_channels
         for k, channels in enumerate(cfg):
             setattr(self, f"block{k}", _make_block(channels, prev))
@@ -54,6 +61,8 @@ class VGG(nn.Module):
         self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
+        if max_pools == 5:
+            self.pool_last = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
         self.classifier = nn.Linear(prev, num_classes)
@@ -68,14 +77,17 @@ class VGG(nn.Module):
         return points
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        five = self.max_pools == 5
         big = x.shape[2] >= 64
         x = self.pool0(self.relu0(self.block0(x)))
         x = self.pool1(self.relu1(self.block1(x)))
         x = self.pool2(self.relu2(self.block2(x)))
         x = self.relu3(self.block3(x))
-        if big:
+        if big or (five and min(x.shape[2:]) >= 2):
             x = self.pool3(x)
         x = self.relu4(self.block4(x))
+        if five and min(x.shape[2:]) >= 2:
+            x = self.pool_last(x)
         return self.classifier(self.flatten(self.pool4(x)))
 
 
@@ -101,6 +113,12 @@ def vgg13(in_channels: int = 3, num_classes: int = 100, **kw) -> VGG:
 def vgg16(in_channels: int = 3, num_classes: int = 100, **kw) -> VGG:
     """VGG-16 (config D) with BN."""
     return VGG(CFG["D"], in_channels, num_classes, **kw)
+
+
+@register_model("vgg16_5pool")
+def vgg16_5pool(in_channels: int = 3, num_classes: int = 100, **kw) -> VGG:
+    """VGG-16 (config D) with BN and a max-pool after each of the five blocks (Active Mixup's VGG16)."""
+    return VGG(CFG["D"], in_channels, num_classes, max_pools=5, **kw)
 
 
 @register_model("vgg19")
