@@ -140,6 +140,7 @@ class LocalEngine:
                     rt.use_recorded(getattr(train.dataset, "answers", None))  # a black box is not asked twice
                     steps_per_epoch = min(len(train), c.train.max_steps_per_epoch or len(train))
                     reporter.steps_per_epoch = steps_per_epoch
+                    rt.steps_per_epoch = steps_per_epoch
                 sums: dict[str, dict[str, torch.Tensor]] = {}
                 correct: dict[str, torch.Tensor] = {}
                 seen = 0
@@ -166,6 +167,9 @@ class LocalEngine:
                 }
                 last = epoch == total - 1
                 evals = self.evaluate(rt, test, epoch) if (epoch + 1) % c.train.eval_every == 0 or last else {}
+                rt.note_eval({n: m["top1"] for n, m in evals.items()})
+                if in_stage == stage.epochs - 1:
+                    rt.end_stage()  # hand_over: best hands the best epoch's weights on
                 reporter.epoch_done(epoch, stage, train_metrics, evals, time.perf_counter() - t0)
                 ckpt.write_checkpoint(ckpt_root, epoch, self._checkpoint_files(rt, epoch + 1, reporter))
                 done_here += 1

@@ -122,7 +122,7 @@ def train_worker(config: dict) -> None:
         rt.global_step, start_epoch = state["global_step"], state["epoch"]
 
     total = topo.total_epochs
-    steps_per_epoch = min(len(train), c.train.max_steps_per_epoch or len(train))
+    steps_per_epoch = rt.steps_per_epoch = min(len(train), c.train.max_steps_per_epoch or len(train))
     stop_after = config.get("stop_after_epochs")
     for done, epoch in enumerate(range(start_epoch, total)):
         if stop_after and done >= stop_after:
@@ -177,6 +177,14 @@ def train_worker(config: dict) -> None:
                     dist.broadcast(buf, src=dist.get_process_group_ranks(replica_group)[0], group=replica_group)
         last = epoch == total - 1
         evals = _evaluate(rt, test, me) if (epoch + 1) % c.train.eval_every == 0 or last else {}
+        if in_stage == stage.epochs - 1 and stage.hand_over == "best":
+            rt.end_stage()  # replica 0 noted the best weights; the other replicas take them from it
+            if replicas > 1:
+                src = dist.get_process_group_ranks(replica_group)[0]
+                for name in stage.train:
+                    if name in rt.peers:
+                        for t in rt.peers[name].net.state_dict().values():
+                            dist.broadcast(t, src=src, group=replica_group)
         metrics = {"epoch": epoch, "stage": stage.name, "seconds": time.perf_counter() - t_epoch, "rank": rank,
                    "train": train_metrics if me.replica == 0 else {}, "eval": evals}
         with tempfile.TemporaryDirectory() as d:
@@ -258,6 +266,7 @@ def _evaluate(rt: Runtime, test, me) -> dict:
     """Replica-0 workers' eval logits gathered to rank 0, which scores every peer and ensemble."""
     names = [p for p, peer in rt.peers.items() if me.replica == 0 and (peer.trained_epochs > 0 or peer.cfg.init)]
     logits, y = rt.logits_over(test, names) if names else ({}, None)
+    rt.note_eval({n: 100.0 * topk_correct(z, y)[1] / len(y) for n, z in logits.items()})  # each owner: hand_over
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, ({k: v.cpu() for k, v in logits.items()}, None if y is None else y.cpu()))
     if dist.get_rank() != 0:
