@@ -434,6 +434,8 @@ class Runtime:
         plain = [p for p in peers if p.ds is None]
         for p in peers:
             if p.ds is not None:
+                p.warm_up(self.steps_per_epoch)  # the engine steps the optimizer the schedule drives
+                p.epoch_steps += 1
                 p.ds.backward(totals[p.peer_name])
                 p.ds.step()
         if not plain:
