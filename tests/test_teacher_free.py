@@ -3,7 +3,6 @@
 Each student loss is checked against its formula written out here on one real batch, computed
 from the networks' own logits.
 """
-import math
 from pathlib import Path
 
 import pytest
