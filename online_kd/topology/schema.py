@@ -204,7 +204,7 @@ class StageConfig(Open):
     data: str | None = None  # a producing stage whose data set this stage trains on
     freeze_bn: list[str] = []  # trained peers whose BatchNorm statistics stay fixed (e.g. data-free KD)
     # the weights its trained peers leave the stage with: the last epoch's, or those of the epoch with the best
-    # test top-1 (ties: the later), as a teacher loaded from an official script's best checkpoint (Tf-KD)
+    # test top-1 among the evaluated epochs (ties: the later), as a teacher loaded from an official best checkpoint
     hand_over: Literal["last", "best"] = "last"
 
 
