@@ -52,7 +52,7 @@ def build_optimizer(cfg: OptimizerConfig, param_groups) -> torch.optim.Optimizer
 
 def lr_factor(cfg: ScheduleConfig, epoch: int, total_epochs: int) -> float:
     """The learning-rate multiplier in a peer's ``epoch``-th training epoch (0-indexed)."""
-    if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
+    if cfg.warmup_epochs and epoch < cfg.warmup_epochs and cfg.warmup_per == "epoch":
         return (epoch + 1) / cfg.warmup_epochs
     if cfg.name == "multistep":
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
@@ -60,9 +60,18 @@ def lr_factor(cfg: ScheduleConfig, epoch: int, total_epochs: int) -> float:
         return cfg.gamma ** (epoch // cfg.step_size)
     if cfg.name == "cosine":
         span = max(1, total_epochs - cfg.warmup_epochs)
-        t = min(1.0, (epoch - cfg.warmup_epochs) / span)
+        t = min(1.0, max(0.0, (epoch - cfg.warmup_epochs) / span))
         return 0.5 * (1 + math.cos(math.pi * t))
     return 1.0
+
+
+def step_warmup_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int) -> float | None:
+    """With ``warmup_per: step``: the factor (k+1)/(W·S) on the epoch's lr at the peer's ``step``-th step
+    (0-indexed) of training, W = ``warmup_epochs``, S = steps per epoch; None once the warm-up is over."""
+    span = cfg.warmup_epochs * steps_per_epoch
+    if cfg.warmup_per != "step" or step >= span:
+        return None
+    return (step + 1) / span
 
 
 def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_epochs: int):

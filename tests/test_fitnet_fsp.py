@@ -148,7 +148,7 @@ def one_step(topo, stage_index):
 
 
 def test_hint_stage_trains_only_the_student_up_to_the_guided_tap_and_the_regressor():
-    rt, total, terms = one_step(quick("fitnet"), 1)
+    rt, total, terms = one_step(quick("fitnet_two_stage"), 1)
     student, teacher = rt.peers["student"], rt.peers["teacher"]
     assert set(terms) == {"edge/fitnet_from_teacher", "task", "loss"}
     assert total.item() == pytest.approx(100 * terms["edge/fitnet_from_teacher"].item(), rel=1e-6)  # CE × 0
@@ -162,7 +162,7 @@ def test_hint_stage_trains_only_the_student_up_to_the_guided_tap_and_the_regress
 
 
 def test_kd_stage_leaves_the_regressor_alone():
-    rt, _, terms = one_step(quick("fitnet"), 2)
+    rt, _, terms = one_step(quick("fitnet_two_stage"), 2)
     assert set(terms) == {"edge/kd_from_teacher", "task", "loss"}
     assert all(g is None for g in grads(rt.peers["student"].edges["fitnet:teacher->student"]))
     assert nonzero(grads(rt.peers["student"].net.fc)) and all(g is None for g in grads(rt.peers["teacher"].net))
@@ -180,7 +180,7 @@ def test_fsp_stage_reaches_the_student_features_only_then_plain_ce():
 
 
 def test_fitnet_regressor_resumes_bit_for_bit_mid_hint_stage(tmp_path):
-    topo = quick("fitnet", **{"stages[1].epochs": 2})  # teacher 1, hint 2, student 1 epochs; stop inside the hint
+    topo = quick("fitnet_two_stage", **{"stages[1].epochs": 2})  # teacher 1, hint 2, student 1 epochs; stop inside the hint
     whole = LocalEngine(topo, RunOptions(out_dir=tmp_path / "whole", tracking=False, quiet=True)).run()
     LocalEngine(topo, RunOptions(out_dir=tmp_path / "split", tracking=False, quiet=True, stop_after_epochs=2)).run()
     again = LocalEngine(topo, RunOptions(out_dir=tmp_path / "split", tracking=False, quiet=True, resume=True)).run()
@@ -200,7 +200,7 @@ def test_quick_fsp_runs_one_epoch_per_stage(tmp_path):
     assert summary["finished"] and summary["epochs"] == 3 and summary["peers"]["student"]["top1_last"] > 0
 
 
-@pytest.mark.parametrize("name", ["fitnet", "fsp"])
+@pytest.mark.parametrize("name", ["fitnet_two_stage", "fsp"])
 def test_cifar100_topologies_dry_run(name):
     topo = load_topology(ROOT / f"topologies/cifar100/{name}.yaml")
     plan = build_plan(topo)

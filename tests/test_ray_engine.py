@@ -115,6 +115,19 @@ def test_feature_map_methods_match_local_on_ray(tmp_path, name):
     assert_same_weights(tmp_path / "local", tmp_path / "ray", {p for s in topo.stages for p in s.train})
 
 
+def test_best_epoch_hand_over_and_per_step_warmup_match_local(tmp_path):
+    """Tf-KD self with the teacher's best epoch handed on and a per-iteration warm-up: same steps, same weights."""
+    topo = quick("tfkd_self", **{"train.epochs": 3, "train.max_steps_per_epoch": 3, "peers.teacher.optimizer.lr": 1.0,
+                                 "peers.teacher.schedule.warmup_epochs": 1, "peers.teacher.schedule.warmup_per": "step"})
+    local = run(LocalEngine, topo, tmp_path / "local")
+    distributed = run(RayEngine, topo, tmp_path / "ray")
+    a, b = step_losses(tmp_path / "local"), step_losses(tmp_path / "ray")
+    assert a.keys() == b.keys() and len(a) == 2 * 3 * 3
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-5
+    assert_same_weights(tmp_path / "local", tmp_path / "ray", ["teacher", "student"])
+    assert local["peers"] == distributed["peers"]
+
+
 def test_two_replicas_match_one_with_the_whole_batch(tmp_path):
     raw = yaml.safe_load((ROOT / "topologies" / "quick" / "dml.yaml").read_text())
     raw["peers"]["a"]["model"] = "mlp"  # no BatchNorm: replicas see half-batch statistics otherwise

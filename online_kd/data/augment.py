@@ -39,18 +39,32 @@ class BatchTransform:
 
 
 class PadCropFlip(BatchTransform):
-    """Pad by ``pad``, crop back to the original size at a random offset, flip horizontally with p=0.5.
+    """Pad by ``pad``, crop back to the original size at a random offset, flip horizontally with p=0.5,
+    then (``rotation`` > 0) rotate by an angle drawn uniformly from [−rotation, rotation] degrees.
 
     Vectorised over the batch (one gather). Pads with ``fill`` per channel: the
     normalised value of a raw zero pixel, so on normalised input this equals
     torchvision's ``RandomCrop(size, padding=pad)`` (zero fill) on raw pixels
-    followed by normalisation, as RepDistiller does for CIFAR.
+    followed by normalisation, as RepDistiller does for CIFAR. ``padding_mode: reflect``
+    mirrors the border instead (``Pad(pad, padding_mode='reflect')``, as OFD's loader). The
+    rotation is ``RandomRotation(rotation)`` (nearest neighbour, about the centre, corners
+    filled with ``fill``), as Tf-KD's loader applies after crop and flip.
     """
 
-    def __init__(self, seed: int, pad: int, flip: bool, fill: Tensor | None = None):
+    def __init__(self, seed: int, pad: int, flip: bool, fill: Tensor | None = None, padding_mode: str = "constant",
+                 rotation: float = 0.0):
         super().__init__(seed)
         self.pad, self.flip = int(pad), bool(flip)
         self.fill = None if fill is None else torch.as_tensor(fill, dtype=torch.float32).reshape(-1)
+        if padding_mode not in ("constant", "reflect"):
+            raise ValueError(f"padding_mode must be constant or reflect, not {padding_mode!r}")
+        self.padding_mode, self.rotation = padding_mode, float(rotation)
+
+    def angles(self, index: Tensor, epoch: int) -> Tensor:
+        """Per-sample rotation in degrees, uniform in [−rotation, rotation], ``[B]``."""
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        u = sample_uint32(self.key(epoch, "rotate"), index).double() / 2.0 ** 32
+        return ((2.0 * u - 1.0) * self.rotation).float()
 
     def params(self, index: Tensor, epoch: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per-sample (row offset, column offset, flip) in the padded image, each ``[B]``."""
@@ -71,13 +85,33 @@ class PadCropFlip(BatchTransform):
         dy, dx, flip = self.params(index, epoch)
         p = self.pad
         fill = torch.zeros(c) if self.fill is None else self.fill.expand(c)
-        padded = fill.to(x.dtype).view(1, c, 1, 1).expand(b, c, h + 2 * p, w + 2 * p).clone()
-        padded[:, :, p:p + h, p:p + w] = x
+        if self.padding_mode == "reflect" and p:
+            padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+        else:
+            padded = fill.to(x.dtype).view(1, c, 1, 1).expand(b, c, h + 2 * p, w + 2 * p).clone()
+            padded[:, :, p:p + h, p:p + w] = x
         rows = dy[:, None] + torch.arange(h)                      # [B, H]
         cols = dx[:, None] + torch.arange(w)                      # [B, W]
         cols = torch.where(flip[:, None], cols.flip(1), cols)
-        return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                      rows[:, None, :, None], cols[:, None, None, :]]
+        out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                     rows[:, None, :, None], cols[:, None, None, :]]
+        if self.rotation:
+            out = rotate(out, self.angles(index, epoch), fill.to(x.dtype))
+        return out
+
+
+def rotate(x: Tensor, degrees: Tensor, fill: Tensor) -> Tensor:
+    """Rotate each image of ``x`` [B, C, H, W] counter-clockwise by ``degrees`` [B] about its centre, nearest
+    neighbour, pixels from outside the image set to ``fill`` [C] (torchvision's ``rotate`` convention)."""
+    theta = torch.deg2rad(degrees.to(torch.float64))
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    zero = torch.zeros_like(cos)
+    # output (u, v) samples input R(−θ)(u, v) in y-down normalised coordinates
+    matrix = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(matrix.to(x.dtype), list(x.shape), align_corners=False)
+    shifted = x - fill.view(1, -1, 1, 1)
+    out = torch.nn.functional.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out + fill.view(1, -1, 1, 1)
 
 
 class RandomResizedCropFlip(BatchTransform):

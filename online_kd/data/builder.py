@@ -55,6 +55,14 @@ class DataBundle:
                            num_shards=num_shards, shard=shard)
 
 
+def _pad_crop_flip(cfg, seed: int, pad: int, flip: bool, fill) -> PadCropFlip | None:
+    """The standard tensor augmentation with the YAML's padding mode and rotation (None for ``augment: none``)."""
+    if cfg.augment != "standard":
+        return None
+    return PadCropFlip(seed, pad=pad, flip=flip, fill=fill, padding_mode=getattr(cfg, "padding_mode", "constant"),
+                       rotation=float(getattr(cfg, "rotation", 0.0) or 0.0))
+
+
 def _digits(cfg, seed: int):
     from sklearn.datasets import load_digits
 
@@ -66,7 +74,7 @@ def _digits(cfg, seed: int):
     full = TensorDataset(raw, targets, [mean], [std])
     train, test = full.subset(train_rows), full.subset(test_rows)
     # digits are not mirror-symmetric: crop only
-    aug = PadCropFlip(seed, pad=1, flip=False, fill=full.pad_fill) if cfg.augment == "standard" else None
+    aug = _pad_crop_flip(cfg, seed, 1, False, full.pad_fill)
     return train, test, aug, 10
 
 
@@ -95,13 +103,17 @@ def _cifar(cfg, seed: int):
         splits.append(TensorDataset(data, torch.as_tensor(ds.targets, dtype=torch.int64), mean, std,
                                     scale=1 / 255))
     train, test = splits
-    aug = PadCropFlip(seed, pad=4, flip=True, fill=train.pad_fill) if cfg.augment == "standard" else None
+    aug = _pad_crop_flip(cfg, seed, 4, True, train.pad_fill)
     return train, test, aug, 10 if name == "cifar10" else 100
 
 
 def _imagefolder(cfg, seed: int):
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
+    for key, plain in (("padding_mode", "constant"), ("rotation", 0.0)):
+        if getattr(cfg, key, plain) != plain:
+            raise DataError(f"data.{key}", "applies to the crop + flip of digits and CIFAR; imagefolder uses "
+                                           "RandomResizedCrop (remove it)")
     root = expand_root(cfg.root)
     train_dir, eval_dir = imagefolder_dirs(root)
     classes = imagefolder_classes(train_dir)

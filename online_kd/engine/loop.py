@@ -59,6 +59,9 @@ class Collective:
         """Every worker's logits (peer → logits over a split) and the split's labels, on every worker."""
         return logits, labels
 
+    def share_weights(self, rt: Runtime, names: list[str]) -> None:
+        """Replicas take replica 0's weights of the peers ``names`` (a stage's ``hand_over: best``)."""
+
 
 @dataclass
 class EpochRecord:
@@ -166,7 +169,7 @@ class EpochLoop:
                 col.enter_stage(stage)
                 train = _stage_train_stream(stage, data, produced, base_train)
                 rt.use_recorded(getattr(train.dataset, "answers", None))  # a black box is not asked twice
-                steps = min(len(train), c.train.max_steps_per_epoch or len(train))
+                steps = rt.steps_per_epoch = min(len(train), c.train.max_steps_per_epoch or len(train))
             sums: dict[str, dict[str, Tensor]] = {}
             correct: dict[str, Tensor] = {}
             seen = 0
@@ -190,6 +193,9 @@ class EpochLoop:
             col.end_epoch(rt)
             last = epoch == total - 1
             evals = self._evaluate(test) if (epoch + 1) % c.train.eval_every == 0 or last else {}
+            if in_stage == stage.epochs - 1 and stage.hand_over == "best":
+                rt.end_stage()  # the best epoch's weights go on (replica 0 noted them)
+                col.share_weights(rt, [p for p in stage.train if p in rt.peers])
             self.epoch_done(EpochRecord(epoch, stage, train_metrics, evals, time.perf_counter() - t0))
             self.next_epoch = epoch + 1
             self.save(epoch, self.checkpoint_files())
@@ -214,7 +220,10 @@ class EpochLoop:
         """Top-1/top-5 (%) on the test split of every peer trained or initialised so far, and of the ensembles."""
         rt, col = self.rt, self.collective
         names = [p for p, peer in rt.peers.items() if col.primary and (peer.trained_epochs > 0 or peer.cfg.init)]
-        logits, y = col.gather(*(rt.logits_over(test, names) if names else ({}, None)))
+        own, y = rt.logits_over(test, names) if names else ({}, None)
+        if own:  # each owner notes its peers' scores (a stage's hand_over: best)
+            rt.note_eval({n: 100.0 * topk_correct(z, y)[1] / len(y) for n, z in own.items()})
+        logits, y = col.gather(own, y)
         if not col.leader or y is None:
             return {}
         logits.update(rt.ensemble_logits({k: v.to(rt.device) for k, v in logits.items()}))

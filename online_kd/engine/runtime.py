@@ -23,7 +23,8 @@ from ..topology.graph import Stage, Topology
 from ..topology.plan import ExchangePlan, active_edges, peers_in_use
 from . import checkpoint as ckpt
 from ..data.expand import build_expansion
-from ..build import build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual
+from ..build import (build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual,
+                     step_warmup_factor)
 from .gather import ReplicaGather
 
 Outputs = dict[str, dict[str, Tensor]]
@@ -76,6 +77,20 @@ class Peer(nn.Module):
         self.phase_optimizers: dict[int, torch.optim.Optimizer] = {}
         self.ds = None  # a DeepSpeed engine when the peer's replicas use ZeRO (ray engine)
         self.trained_epochs = 0
+        self.epoch_steps = 0  # optimizer steps in the current epoch (a per-step warm-up reads it)
+        self.best: dict | None = None  # under a stage's hand_over: best: {'stage', 'top1', 'model'} of its best epoch
+
+    def warm_up(self, steps_per_epoch: int | None) -> None:
+        """Set this step's lr under ``schedule.warmup_per: step``: the epoch's lr × (k+1)/(W·S)."""
+        if self.cfg.schedule.warmup_per != "step" or self.optimizer is None:
+            return
+        if not steps_per_epoch:
+            raise RuntimeError("a per-step warm-up needs the engine to set Runtime.steps_per_epoch")
+        f = step_warmup_factor(self.cfg.schedule, self.trained_epochs * steps_per_epoch + self.epoch_steps,
+                               steps_per_epoch)
+        if f is not None:
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr * f
 
     def setup_training(self, total_epochs: int, precision: str, device: torch.device) -> None:
         """Optimizer over the net and edge modules (a loss may ask for its own lr), schedule, scaler."""
@@ -102,6 +117,7 @@ class Peer(nn.Module):
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "phase_optimizers": {str(k): o.state_dict() for k, o in self.phase_optimizers.items()},
             "trained_epochs": self.trained_epochs,
+            "best": self.best,
         }
 
     def load_state(self, state: Mapping) -> None:
@@ -117,6 +133,7 @@ class Peer(nn.Module):
         for k, sd in state.get("phase_optimizers", {}).items():
             self.phase_optimizers[int(k)].load_state_dict(sd)
         self.trained_epochs = state["trained_epochs"]
+        self.best = state.get("best")
 
 
 @dataclass
@@ -165,6 +182,7 @@ class Runtime:
         self.global_step = 0
         self._views: dict[int, object] = {}
         self._view_data = None
+        self.steps_per_epoch: int | None = None  # set by the engine per stage (a per-step warm-up needs it)
         self.step_log = None  # an open file: one JSON line per step and trained peer (equivalence tests)
         self.grad_sync: Callable[[list[Peer], int], None] | None = None  # replicas average gradients here
         self.step_samples = 0
@@ -228,10 +246,37 @@ class Runtime:
             peer.net.train(trained)
             peer.edges.train(trained)
             peer.net.requires_grad_(trained)
+            if not trained and peer.cfg.bn_mode == "train":
+                for m in peer.net.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.train()
             if name in stage.freeze_bn:  # running statistics stay those of the data the peer was built on
                 for m in peer.net.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
+
+    def note_eval(self, top1: Mapping[str, float]) -> None:
+        """Under the stage's ``hand_over: best``: copy each owned trained peer's weights when its test top-1 (%)
+        is its best in this stage so far (ties: the later epoch, as Tf-KD's ``is_best = acc >= best``)."""
+        if self.stage is None or self.stage.hand_over != "best":
+            return
+        for name in self.stage.train:
+            peer = self.peers.get(name)
+            if peer is None or name not in top1:
+                continue
+            b = peer.best
+            if b is None or b["stage"] != self.stage.name or top1[name] >= b["top1"]:
+                peer.best = {"stage": self.stage.name, "top1": float(top1[name]),
+                             "model": {k: v.detach().clone() for k, v in peer.net.state_dict().items()}}
+
+    def end_stage(self) -> None:
+        """After a stage's last epoch under ``hand_over: best``: its trained peers take their best-epoch weights."""
+        if self.stage is None or self.stage.hand_over != "best":
+            return
+        for name in self.stage.train:
+            peer = self.peers.get(name)
+            if peer is not None and peer.best is not None and peer.best["stage"] == self.stage.name:
+                peer.net.load_state_dict(peer.best["model"])
 
     def autocast(self):
         if self.precision == "fp32":
@@ -398,12 +443,16 @@ class Runtime:
         plain = [p for p in peers if p.ds is None]
         for p in peers:
             if p.ds is not None:
+                p.warm_up(self.steps_per_epoch)  # the engine steps the optimizer the schedule drives
+                p.epoch_steps += 1
                 p.ds.backward(totals[p.peer_name])
                 p.ds.step()
         if not plain:
             return
         for p in plain:
             p.optimizer.zero_grad(set_to_none=True)
+            p.warm_up(self.steps_per_epoch)
+            p.epoch_steps += 1
         scaled = [p.scaler.scale(totals[p.peer_name]) for p in plain]
         torch.stack(scaled).sum().backward() if len(scaled) > 1 else scaled[0].backward()
         if self.grad_sync is not None:
@@ -479,6 +528,7 @@ class Runtime:
                 peer = self.peers[name]
                 peer.scheduler.step()
                 peer.trained_epochs += 1
+                peer.epoch_steps = 0
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()

@@ -116,6 +116,13 @@ class DistCollective(Collective):
                 for buf in peer.buffers():
                     dist.broadcast(buf, src=src, group=self.replica_group)
 
+    def share_weights(self, rt: Runtime, names: list[str]) -> None:
+        if self.replicas > 1:
+            src = dist.get_process_group_ranks(self.replica_group)[0]
+            for name in names:
+                for t in rt.peers[name].net.state_dict().values():
+                    dist.broadcast(t, src=src, group=self.replica_group)
+
     def gather(self, logits, labels):
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, ({k: v.cpu() for k, v in logits.items()},

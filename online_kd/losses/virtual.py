@@ -35,7 +35,8 @@ class VirtualTeacher(nn.Module):
 
 @register_virtual("uniform")
 class Uniform(VirtualTeacher):
-    """The uniform distribution: a ``kd`` edge (T=1, α=ε) from it is label smoothing with ε."""
+    """The uniform distribution. A ``kd`` edge (T=1, α=ε) from it has label smoothing's gradient, but its value
+    is the smoothed CE minus ε·ln C; label smoothing itself is the ``label_smoothing`` loss."""
 
     def distribution(self, y):
         return torch.full((y.shape[0], self.num_classes), 1.0 / self.num_classes, device=y.device)

@@ -26,6 +26,7 @@ class Edge:
     params: dict[str, Any] = field(default_factory=dict)
     pattern: str | None = None
     name: str | None = None
+    link: int | None = None  # its index in the chain entry's ``links`` (per-link parameters), if any
 
     @property
     def key(self) -> str:
@@ -58,6 +59,7 @@ class Stage:
     task_weight: float | None = None
     data: str | None = None            # the producing stage whose data set it trains on
     freeze_bn: tuple[str, ...] = ()    # trained peers whose BN statistics stay fixed
+    hand_over: str = "last"            # 'best': trained peers leave the stage with their best-epoch weights
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,8 @@ class Topology:
             out["data"] = s.data
         if s.freeze_bn:
             out["freeze_bn"] = list(s.freeze_bn)
+        if s.hand_over != "last":
+            out["hand_over"] = s.hand_over
         return out
 
     def graph_spec(self) -> tuple[list[dict], list[dict]]:
@@ -219,5 +223,5 @@ def resolve_stages(config: TopologyConfig) -> tuple[list[Stage], list[ProducerSt
             continue
         stages.append(Stage(name=n, train=tuple(s.train), epochs=s.epochs or config.train.epochs, origin=f"stages[{i}]",
                             edges=tuple(s.edges) if s.edges is not None else None, task_weight=s.task_weight,
-                            data=s.data, freeze_bn=tuple(s.freeze_bn)))
+                            data=s.data, freeze_bn=tuple(s.freeze_bn), hand_over=s.hand_over))
     return stages, producers

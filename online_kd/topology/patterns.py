@@ -50,10 +50,13 @@ def expand_edges(config: TopologyConfig) -> list[Edge]:
                                 f"{what} brings the topology to {total:,} edges; at most {MAX_EDGES:,}")
     edges: list[Edge] = []
     for i, cfg in enumerate(config.edges):
-        for source, target in _pairs(cfg):
+        for k, (source, target) in enumerate(_pairs(cfg)):
+            link = dict(cfg.links[k]) if cfg.links is not None else {}
+            weight = link.pop("weight", cfg.weight)
             edges.append(Edge(
                 index=len(edges), origin=f"edges[{i}]", source=str(source), target=str(target),
-                loss=cfg.loss, weight=cfg.weight, schedule=cfg.schedule, until_epoch=cfg.until_epoch,
-                params=cfg.extras(), pattern=cfg.pattern, name=cfg.name,
+                loss=cfg.loss, weight=weight, schedule=cfg.schedule, until_epoch=cfg.until_epoch,
+                params={**cfg.extras(), **link}, pattern=cfg.pattern, name=cfg.name,
+                link=k if cfg.links is not None else None,
             ))
     return edges

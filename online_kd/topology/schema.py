@@ -48,6 +48,9 @@ class DataConfig(Strict):
     batch_size: int = Field(64, ge=1)
     test_batch_size: int | None = Field(None, ge=1)
     augment: Literal["standard", "none"] = "standard"
+    # options of the standard crop + flip (digits, CIFAR): how the crop pads, and a random rotation after it
+    padding_mode: Literal["constant", "reflect"] = "constant"  # reflect: OFD's Pad(4, padding_mode='reflect')
+    rotation: float = Field(0.0, ge=0, le=180)  # degrees: RandomRotation(rotation), as Tf-KD's loader (15)
     holdout: float = Field(0.0, ge=0.0, lt=1.0)
     synthetic: SyntheticSpec = SyntheticSpec()
     image_size: int | None = Field(None, ge=8)
@@ -82,6 +85,9 @@ class ScheduleConfig(Strict):
     gamma: float = Field(0.1, gt=0)
     step_size: int = Field(30, ge=1)
     warmup_epochs: int = Field(0, ge=0)
+    # epoch: lr·(e+1)/W in epoch e < W; step: lr·(k+1)/(W·S) at the peer's k-th step (S steps per epoch), as
+    # WarmUpLR stepped each iteration (Tf-KD): the per-epoch form of `warmup_epochs: 1` is no warm-up at all
+    warmup_per: Literal["epoch", "step"] = "epoch"
     eta_min: float = Field(0.0, ge=0)
 
 
@@ -99,6 +105,10 @@ class PeerConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     frozen: bool = False
+    # BatchNorm of the peer while it answers untrained (frozen, or in another peer's stage): eval uses its
+    # running statistics; train uses each batch's and updates the running ones, as the official OFD and
+    # ReviewKD scripts leave their teacher in train mode (evaluation is always in eval mode)
+    bn_mode: Literal["eval", "train"] = "eval"
     init: str | None = None
     replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
     deepspeed: DeepSpeedSpec | None = None
@@ -145,6 +155,9 @@ class EdgeConfig(Open):
     pattern: Literal["all_pairs", "ring", "star", "chain"] | None = None
     over: list[str] | None = None
     center: str | None = None
+    # a chain's links in order (over[k] → over[k+1]): each entry's keys (loss parameters, weight) replace the
+    # shared ones on that link, e.g. TAKD's λ and T per teacher → assistant → student link
+    links: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _endpoints(self) -> "EdgeConfig":
@@ -159,6 +172,21 @@ class EdgeConfig(Open):
                 raise ValueError(f"pattern '{self.pattern}' needs 'over' with at least {least} node{'s' * (least > 1)}")
             if self.pattern == "star" and self.center is None:
                 raise ValueError("pattern 'star' needs 'center' (the node that teaches every node in 'over')")
+        if self.links is not None:
+            if self.pattern != "chain":
+                raise ValueError("'links' (per-link parameters) needs 'pattern: chain'")
+            if len(self.links) != len(self.over) - 1:
+                raise ValueError(f"'links' has {len(self.links)} entries for the {len(self.over) - 1} links of "
+                                 f"'over' ({' → '.join(self.over)})")
+            for k, link in enumerate(self.links):
+                bad = sorted(set(link) & {"from", "to", "loss", "pattern", "over", "center", "links", "name",
+                                          "schedule", "until_epoch"})
+                if bad:
+                    raise ValueError(f"links[{k}]: '{bad[0]}' is the whole entry's; a link sets loss parameters "
+                                     "and weight only")
+                w = link.get("weight", 0.0)
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+                    raise ValueError(f"links[{k}].weight: must be a finite number ≥ 0 (got {w!r})")
         return self
 
 
@@ -181,6 +209,9 @@ class StageConfig(Open):
     task_weight: float | None = Field(None, ge=0)  # CE weight of the trained peers in this stage
     data: str | None = None  # a producing stage whose data set this stage trains on
     freeze_bn: list[str] = []  # trained peers whose BatchNorm statistics stay fixed (e.g. data-free KD)
+    # the weights its trained peers leave the stage with: the last epoch's, or those of the epoch with the best
+    # test top-1 among the evaluated epochs (ties: the later), as a teacher loaded from an official best checkpoint
+    hand_over: Literal["last", "best"] = "last"
 
 
 class EngineConfig(Strict):

@@ -52,7 +52,7 @@ def build_stage_kind(topology: Topology, producer):
     return cls(params, producer.name)
 
 
-_TRAIN_ONLY = ("train", "epochs", "edges", "task_weight", "data", "freeze_bn")
+_TRAIN_ONLY = ("train", "epochs", "edges", "task_weight", "data", "freeze_bn", "hand_over")
 
 
 def _check_producing_stages(topology: Topology) -> None:
@@ -293,7 +293,8 @@ def check_topology(topology: Topology) -> None:
         if e.loss not in LOSSES:
             raise TopologyError(f"{e.origin}.loss", suggest(e.loss, LOSSES, "loss"))
         loss = LOSSES[e.loss]
-        validate_params(loss.Params, e.params, e.origin, f"loss '{e.loss}'", _keys(EdgeConfig))
+        validate_params(loss.Params, e.params, e.origin if e.link is None else f"{e.origin}.links[{e.link}]",
+                        f"loss '{e.loss}'", _keys(EdgeConfig))
         if loss.needs_expansion and c.data.expand == "none":
             views = ", ".join(sorted(set(EXPANSIONS) - {"none"}))
             raise TopologyError(f"{e.origin}.loss", f"loss '{e.loss}' reads expanded views (joint labels): set "
