@@ -88,7 +88,7 @@ def stage_train_stream(stage, data, produced: dict, default):
         return default
     made = produced[stage.data]
     return BatchStream(made.dataset(), default.batch_size, default.seed,
-                       transform=data.train_transform if made.augment else None, shuffle=True)
+                       transform=data.train_transform if made.augment else None, shuffle=True, loader=default.loader)
 
 
 class LocalEngine:
@@ -111,8 +111,8 @@ class LocalEngine:
         rt.set_views(data.train, data.train_transform)
         bs = c.data.batch_size
         base_train = train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, shuffle=True,
-                                         sampler=data.train_sampler)
-        test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False)
+                                         sampler=data.train_sampler, loader=data.loader.on(device))
+        test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False, loader=data.loader.on(device))
         holdout = BatchStream(data.holdout, c.data.test_batch_size or bs, c.train.seed, shuffle=False) \
             if data.holdout is not None else None
 

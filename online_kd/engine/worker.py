@@ -87,8 +87,8 @@ def train_worker(config: dict) -> None:
     rt.set_views(data.train, data.train_transform)
     bs = c.data.batch_size
     train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, num_shards=replicas, shard=me.replica,
-                        sampler=data.train_sampler)
-    test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False)
+                        sampler=data.train_sampler, loader=data.loader.on(device))
+    test = BatchStream(data.test, c.data.test_batch_size or bs, c.train.seed, shuffle=False, loader=data.loader.on(device))
     holdout = BatchStream(data.holdout, c.data.test_batch_size or bs, c.train.seed, shuffle=False) \
         if data.holdout is not None else None
     exchange = Exchange(topo, rt.plan, workers, me, exchange_groups[me.replica], device, exchange_dtype(c.train.precision))
@@ -139,10 +139,8 @@ def train_worker(config: dict) -> None:
         for i, batch in enumerate(train.epoch(epoch)):
             if i >= steps_per_epoch:
                 break
-            x, y = batch.x.to(device), batch.y.to(device)
-            batch = batch._replace(x=x, y=y)
-            if batch.pair is not None:  # a sampler's extra samples (data.sampler) travel with the batch
-                batch = batch._replace(pair=batch.pair.to(device))
+            batch = batch.to(device, non_blocking=True)  # with its sampler's extra samples (data.sampler)
+            y = batch.y
             shard["size"] = len(y)
             xs = rt.model_inputs(batch, epoch)  # this shard, expanded by data.expand as in the local engine
             res = None
