@@ -49,6 +49,13 @@ def _as_is(batch):
     return batch
 
 
+def _one_decode_thread(worker_id: int) -> None:
+    """Processes give the parallelism now: an image folder decodes in its worker's own thread."""
+    dataset = torch.utils.data.get_worker_info().dataset.stream.dataset
+    if hasattr(dataset, "workers"):
+        dataset.workers = 1
+
+
 def prefetched(stream, epoch: int, batches: Sequence[Tensor], options: LoaderOptions) -> Iterator:
     """``stream.load(index, epoch)`` for every index tensor in ``batches``, in order, from ``options.workers`` processes."""
     keys = [(int(epoch), b.tolist()) for b in batches]
@@ -57,7 +64,7 @@ def prefetched(stream, epoch: int, batches: Sequence[Tensor], options: LoaderOpt
     loader = torch.utils.data.DataLoader(
         _BatchLoads(stream), batch_size=None, sampler=keys, collate_fn=_as_is,
         num_workers=options.workers, prefetch_factor=options.prefetch, pin_memory=options.pin_memory,
-        persistent_workers=False)
+        persistent_workers=False, worker_init_fn=_one_decode_thread)
     it = iter(loader)
     try:
         yield from it
