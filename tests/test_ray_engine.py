@@ -237,3 +237,20 @@ def test_deepspeed_zero2_replicas_match_local_and_resume(tmp_path):
     files = {p.name for p in ckpt.latest_checkpoint(tmp_path / "zero" / "checkpoints").iterdir()}
     assert {"peer_a.pt", "peer_a.zero0.pt", "peer_a.zero1.pt", "peer_b.pt", "engine.pt"} <= files
     assert_same_weights(tmp_path / "local", tmp_path / "zero", ["a", "b"], tol=1e-5)
+
+
+
+def test_loader_workers_inside_ray_workers_give_the_same_steps(tmp_path):
+    """data.workers forks loader processes inside each Ray Train worker: the local engine's losses when every
+    peer has one worker, the loader-less ray run's when a peer's replicas load shards; every run ends."""
+    base = {"train.epochs": 2, "train.max_steps_per_epoch": 3}
+    run(LocalEngine, quick("dml", **base), tmp_path / "local")
+    run(RayEngine, quick("dml", **base, **{"data.workers": 1}), tmp_path / "ray")
+    a, b = step_losses(tmp_path / "local"), step_losses(tmp_path / "ray")
+    assert a.keys() == b.keys() and len(a) == 2 * 3 * 2
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-5
+    shards = {**base, "peers.a.replicas": 2}
+    run(RayEngine, quick("dml", **shards), tmp_path / "replicas0")
+    run(RayEngine, quick("dml", **shards, **{"data.workers": 2}), tmp_path / "replicas2")
+    a, b = step_losses(tmp_path / "replicas0"), step_losses(tmp_path / "replicas2")
+    assert a.keys() == b.keys() and len(a) == 2 * 3 * 2 and a == b

@@ -6,7 +6,8 @@ any number of peers, shards or loader threads see identical data.
 
 Files: ``info`` (metadata without I/O), ``datasets`` (splits), ``augment``
 (seeded augmentation), ``hashing`` (counter-based randomness), ``stream``
-(batches and shards), ``builder`` (``build_data``), ``errors`` (``DataError``).
+(batches and shards), ``prefetch`` (loading them ahead in worker processes), ``builder``
+(``build_data``), ``errors`` (``DataError``).
 """
 from .augment import BatchTransform, PadCropFlip, RandomResizedCropFlip
 from .builder import DataBundle, build_data

@@ -16,6 +16,7 @@ from .datasets import ImageFolderDataset, IndexedDataset, SyntheticDataset, Tens
 from .errors import DataError
 from .info import (DEFAULT_IMAGE_SIZE, DIGITS_TEST_FRACTION, NORMALIZATION, DatasetInfo, expand_root,
                    imagefolder_classes, imagefolder_dirs)
+from .prefetch import LoaderOptions
 from .samplers import build_sampler
 from .stream import BatchStream
 
@@ -39,12 +40,13 @@ class DataBundle:
     batch_size: int = 64
     test_batch_size: int = 64
     train_sampler: object = None  # data.sampler over the train split (adds batch.pair), None for random
+    loader: LoaderOptions = LoaderOptions()  # data.workers / data.prefetch (engines add pinning: ``loader.on(device)``)
 
     def train_stream(self, num_shards: int = 1, shard: int = 0, drop_last: bool = False) -> BatchStream:
         """Shuffled, augmented global batches of the train split (this shard of each)."""
         return BatchStream(self.train, self.batch_size, self.seed, transform=self.train_transform,
                            shuffle=True, drop_last=drop_last, num_shards=num_shards, shard=shard,
-                           sampler=self.train_sampler)
+                           sampler=self.train_sampler, loader=self.loader)
 
     def eval_stream(self, split: str = "test", num_shards: int = 1, shard: int = 0) -> BatchStream:
         """Unshuffled, unaugmented batches of ``test`` or ``holdout``."""
@@ -52,7 +54,7 @@ class DataBundle:
         if ds is None:
             raise DataError("data.holdout", "this run has no holdout split: set data.holdout (e.g. 0.1)")
         return BatchStream(ds, self.test_batch_size, self.seed, transform=None, shuffle=False,
-                           num_shards=num_shards, shard=shard)
+                           num_shards=num_shards, shard=shard, loader=self.loader)
 
 
 def _pad_crop_flip(cfg, seed: int, pad: int, flip: bool, fill) -> PadCropFlip | None:
@@ -166,4 +168,5 @@ def build_data(cfg, seed: int) -> DataBundle:
     test_batch = int(getattr(cfg, "test_batch_size", None) or batch)
     sampler = build_sampler(getattr(cfg, "sampler", "random") or "random", train.targets, int(seed))
     return DataBundle(info, train, test, holdout, aug, seed=int(seed), batch_size=batch, test_batch_size=test_batch,
-                      train_sampler=sampler)
+                      train_sampler=sampler,
+                      loader=LoaderOptions(int(getattr(cfg, "workers", 0)), int(getattr(cfg, "prefetch", 2))))

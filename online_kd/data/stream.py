@@ -5,7 +5,8 @@ Epoch ``e`` visits the split in ``randperm(n)`` drawn from a generator seeded by
 the r-th piece of ``tensor_split(batch, R)``. So every peer with the same seed sees
 the same batches, and the shards of R data-parallel ranks concatenate back to
 exactly the single-process batch (augmentation included, since it is a function
-of (seed, epoch, sample index)).
+of (seed, epoch, sample index)). With ``loader.workers > 0`` the same batches are
+loaded ahead in background processes (``prefetch``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .hashing import generator_seed
+from .prefetch import LoaderOptions, prefetched
 
 
 class Batch(NamedTuple):
@@ -45,7 +47,8 @@ class BatchStream:
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, transform=None, shuffle: bool = True,
-                 drop_last: bool = False, num_shards: int = 1, shard: int = 0, sampler=None):
+                 drop_last: bool = False, num_shards: int = 1, shard: int = 0, sampler=None,
+                 loader: LoaderOptions | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_shards < 1 or not 0 <= shard < num_shards:
@@ -59,6 +62,7 @@ class BatchStream:
         self.num_shards = int(num_shards)
         self.shard = int(shard)
         self.sampler = sampler  # adds ``batch.pair`` (online_kd.data.samplers), or None
+        self.loader = loader or LoaderOptions()  # data.workers / data.prefetch: where batches are loaded
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -97,8 +101,12 @@ class BatchStream:
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         order = self.order(epoch)
-        for b in range(start_batch, len(self)):
-            yield self.load(self.shard_indices(self.global_indices(epoch, b, order)), epoch)
+        indices = [self.shard_indices(self.global_indices(epoch, b, order)) for b in range(start_batch, len(self))]
+        if self.loader.workers > 0:
+            yield from prefetched(self, epoch, indices, self.loader)
+            return
+        for index in indices:
+            yield self.load(index, epoch)
 
     def __repr__(self) -> str:
         return (f"BatchStream(n={len(self.dataset)}, batch_size={self.batch_size}, seed={self.seed}, "

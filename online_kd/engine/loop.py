@@ -145,8 +145,9 @@ class EpochLoop:
         col.attach(rt)
         bs, eval_bs = c.data.batch_size, c.data.test_batch_size or c.data.batch_size
         base_train = train = BatchStream(data.train, bs, c.train.seed, transform=data.train_transform, shuffle=True,
-                                         num_shards=col.replicas, shard=col.replica, sampler=data.train_sampler)
-        test = BatchStream(data.test, eval_bs, c.train.seed, shuffle=False)
+                                         num_shards=col.replicas, shard=col.replica, sampler=data.train_sampler,
+                                         loader=data.loader.on(self.device))
+        test = BatchStream(data.test, eval_bs, c.train.seed, shuffle=False, loader=data.loader.on(self.device))
         holdout = BatchStream(data.holdout, eval_bs, c.train.seed, shuffle=False) if data.holdout is not None else None
         if self.step_log:
             (self.out_dir / "steps").mkdir(parents=True, exist_ok=True)
@@ -305,4 +306,4 @@ def _stage_train_stream(stage, data, produced: dict, default):
         return default
     made = produced[stage.data]
     return BatchStream(made.dataset(), default.batch_size, default.seed,
-                       transform=data.train_transform if made.augment else None, shuffle=True)
+                       transform=data.train_transform if made.augment else None, shuffle=True, loader=default.loader)

@@ -22,6 +22,7 @@ from ..models import TappedModel
 from ..topology.graph import Stage, Topology
 from ..topology.plan import ExchangePlan, active_edges, peers_in_use
 from . import checkpoint as ckpt
+from .accel import accelerate
 from ..data.expand import build_expansion
 from ..build import (build_combiner, build_loss, build_model_for, build_optimizer, build_scheduler, build_virtual,
                      step_warmup_factor)
@@ -71,6 +72,7 @@ class Peer(nn.Module):
         self.tapped = TappedModel(self.net)
         self.edges = nn.ModuleDict()  # edge.key → EdgeLoss, parameters owned by this peer
         self.to(device)
+        accelerate(self.net, self.tapped, topology.config.train)  # train.channels_last, train.compile
         self.optimizer = None
         self.scheduler = None
         self.scaler = None

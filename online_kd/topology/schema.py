@@ -58,6 +58,9 @@ class DataConfig(Strict):
     sampler: Literal["random", "class_paired"] = "random"
     # each training sample becomes several rows before the forward (online_kd.data.expand): rotation4 (HSAKD)
     expand: str = "none"
+    # background loader processes (0: load in the training thread) and batches each loads ahead (online_kd.data.prefetch)
+    workers: int = Field(0, ge=0)
+    prefetch: int = Field(2, ge=1)
 
 
 class TrainConfig(Strict):
@@ -68,6 +71,9 @@ class TrainConfig(Strict):
     device: str = "auto"
     max_steps_per_epoch: int | None = Field(None, ge=1)
     threads: int | None = Field(None, ge=1)
+    channels_last: bool = False  # peers' weights and inputs in NHWC (tensor cores on GPUs)
+    # torch.compile each peer's forward: true (inductor) or a backend name (online_kd.engine.accel)
+    compile: bool | Literal["inductor", "aot_eager", "eager", "cudagraphs"] = False
 
 
 class OptimizerConfig(Strict):
