@@ -1,4 +1,8 @@
-"""`online-kd validate | plan | run | plot | tune | compare`: the command line over topologies."""
+"""`online-kd validate | plan | run | plot | tune | compare`: the command line over topologies.
+
+Heavy libraries (torch, Ray, MLflow, matplotlib) are imported inside the commands that use them,
+so that usage mistakes and a missing file are answered at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DivergenceError, TopologyError
+from .errors import DivergenceError, TopologyError, suggest
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -152,12 +156,12 @@ def _overrides_tag(args, **more) -> dict[str, str]:
 
 
 def cmd_run(args) -> int:
-    from .engine import get_engine
-    from .engine.local import RunOptions
-
     if args.seeds is not None:
         return run_seeds(args)
     topo = _load(args)
+    from .engine import get_engine
+    from .engine.local import RunOptions
+
     out = Path(args.out) if args.out else _default_out(topo, args.resume)
     if not args.resume and (out / "checkpoints" / "latest").is_file():
         raise TopologyError("--out", f"{out} already holds a run: continue it with --resume, or choose another --out")
@@ -322,8 +326,24 @@ def cmd_plot(args) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+EPOCHS_NOTE = ("train.epochs is per stage: every stage that does not set its own `epochs` trains that many, so "
+               "--set train.epochs=3 on a two-stage topology runs 6 epochs. Epochs are numbered from 1 over all "
+               "stages, alike on the console, in metrics.jsonl, summary.json, MLflow steps and checkpoint folders.")
+
+
+def package_version() -> str:
+    """The installed distribution's version (the source tree's when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("online_kd")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="online-kd", description="Knowledge distillation as a graph.")
+    ap.add_argument("--version", action="version", version=f"online-kd {package_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p, engine=False):
@@ -340,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, engine=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
-    p = sub.add_parser("run", help="train a topology")
+    p = sub.add_parser("run", help="train a topology", description=f"Train a topology. {EPOCHS_NOTE}")
     common(p, engine=True)
     p.add_argument("--out", help="run directory (default runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (default: the latest of this topology)")
@@ -379,13 +399,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .data import DataError
+def _unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """'unknown command …(did you mean …?)' when the first word is not a command, else None."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if word is None or word in commands or argv.index(word) != 0:
+        return None
+    return suggest(word, commands, "command")
 
+
+def _missing_file(args) -> TopologyError | None:
+    """The topology file (or run directory) a command names but that does not exist: checked before any import."""
+    path = getattr(args, "topology", None)
+    if path is not None and not Path(path).exists():
+        return TopologyError(str(path), "no such topology file" if args.command != "plot" else
+                             "no such topology file or run directory")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    wrong = _unknown_command(parser, argv)
+    if wrong:
+        print(f"error: {wrong}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     try:
+        missing = _missing_file(args)
+        if missing:
+            raise missing
         return args.fn(args)
-    except (TopologyError, DataError) as err:
+    except TopologyError as err:  # DataError too (a TopologyError)
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except DivergenceError as err:
