@@ -157,7 +157,7 @@ class LocalEngine:
                         for k, v in terms.items():
                             acc[k] = acc.get(k, 0.0) + v * n
                         correct[peer] = correct.get(peer, 0) + res.correct[peer]
-                    reporter.step_done()
+                    reporter.step_done({p: t["loss"] for p, t in res.terms.items() if "loss" in t})
                 rt.end_epoch()
                 train_metrics = {
                     p: {**{k: float(v) / seen for k, v in ts.items()}, "train_top1": 100.0 * float(correct[p]) / seen,
