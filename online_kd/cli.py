@@ -315,7 +315,7 @@ def cmd_plot(args) -> int:
             h = json.loads(line)
             for n, m in h["nodes"].items():
                 if "top1" in m:
-                    series.setdefault(n, []).append((h["epoch"] + 1, m["top1"]))
+                    series.setdefault(n, []).append((h["epoch"], m["top1"]))
         path = plot_curves(series, args.output or target / "accuracy.png", title=target.name)
     else:
         topo = _load(args, check=True)

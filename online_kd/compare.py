@@ -122,12 +122,13 @@ def _select(tokens: list[str] | None, runs: list, by_id: dict, children: dict) -
 
 
 def _curve(client, run_id: str) -> list[tuple[int, float]]:
-    """(epoch, top-1) per epoch, the last logged value of an epoch winning (a resumed run may repeat one)."""
+    """(epoch, top-1) per epoch (MLflow steps are epoch numbers, from 1), the last logged value of an epoch
+    winning (a resumed run may repeat one)."""
     by_step: dict[int, tuple[int, float]] = {}
     for m in client.get_metric_history(run_id, "top1"):
         if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
             by_step[m.step] = (m.timestamp, m.value)
-    return [(step + 1, v) for step, (_, v) in sorted(by_step.items())]
+    return [(step, v) for step, (_, v) in sorted(by_step.items())]
 
 
 def collect(tracking_uri: str, experiment: str, runs: list[str] | None = None) -> list[Row]:

@@ -343,7 +343,7 @@ class TuneReport:
                 best_key = k[:-5] + ".best_" + k[-4:]
                 self.best[best_key] = max(v, self.best.get(best_key, -math.inf))
         result.update(self.best)
-        result["epoch"] = epoch + 1
+        result["epoch"] = epoch  # numbered from 1, as in metrics.jsonl
         if self.queue is not None:
             self.queue.put(result)
         else:
@@ -424,7 +424,7 @@ def run_trial(config: dict, job: TrialJob) -> None:
 def _follow(path: Path, hook: TuneReport, stop: threading.Event) -> None:
     """Call ``hook`` for every epoch appended to a run's metrics.jsonl until ``stop`` (then drain); an epoch
     re-reported after a worker restart is not reported to Tune again."""
-    done, last_epoch = 0, -1
+    done, last_epoch = 0, 0
     while True:
         final = stop.is_set()
         if path.is_file():
@@ -628,7 +628,7 @@ def _outcomes(grid, cfg: SpaceConfig, out: Path, topology) -> list[TrialOutcome]
         results.append(TrialOutcome(
             name=name, trial_id=trial_id, overrides=dict(r.config.get("overrides", {})),
             value=float(value) if value is not None else None, best=pick(series) if series else None,
-            series=series, epoch=history[-1]["epoch"] + 1 if history else None, measurements=len(series),
+            series=series, epoch=history[-1]["epoch"] if history else None, measurements=len(series),
             status=status, reports=int(m.get("training_iteration") or 0),
             error=str(r.error).strip().splitlines()[-1][:300] if r.error else None,
             metrics={k: v for k, v in m.items() if isinstance(v, (int, float)) and k.startswith(("peers.", "ensemble."))},

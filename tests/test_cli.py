@@ -35,11 +35,11 @@ def test_run_json_logs_parent_and_child_runs_to_sqlite(tmp_path):
     student = children["student"]
     assert student.data.params["model"] == "convnet_small" and student.data.params["role"] == "student"
     top1 = client.get_metric_history(student.info.run_id, "top1")
-    assert sorted(m.step for m in top1) == [3, 4, 5]  # evaluated once it has been trained
+    assert sorted(m.step for m in top1) == [4, 5, 6]  # evaluated once it has been trained; epochs from 1
     teacher_top1 = client.get_metric_history(children["teacher"].info.run_id, "top1")
-    assert sorted(m.step for m in teacher_top1) == [0, 1, 2, 3, 4, 5]
+    assert sorted(m.step for m in teacher_top1) == [1, 2, 3, 4, 5, 6]
     edge = client.get_metric_history(student.info.run_id, "edge/kd_from_teacher")
-    assert sorted(m.step for m in edge) == [3, 4, 5]  # the edge is active in the student stage only
+    assert sorted(m.step for m in edge) == [4, 5, 6]  # the edge is active in the student stage only
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"topology.yaml", "topology.png", "summary.json", "accuracy.png"} <= arts
     assert parents[0].info.status == "FINISHED"

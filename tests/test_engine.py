@@ -141,9 +141,9 @@ def test_divergence_stops_with_step_peer_and_edge_and_keeps_last_good_checkpoint
         run(topo, tmp_path / "nan")
     e = err.value
     assert (e.epoch, e.peer, e.term) == (2, "a", "edge/test_nan_after_from_b")
-    assert "diverged at epoch 2" in str(e) and "peer 'a'" in str(e)
+    assert "diverged at epoch 3" in str(e) and "peer 'a'" in str(e)  # the third epoch, numbered from 1
     last = ckpt.latest_checkpoint(tmp_path / "nan" / "checkpoints")
-    assert last.name == "epoch-0001"  # the last good epoch, whole
+    assert last.name == "epoch-0002"  # the last good epoch, whole (epochs numbered from 1)
     state = ckpt.load(last / ckpt.ENGINE_FILE)
     assert state["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt.load(last / "peer_a.pt")["model"].values() if v.is_floating_point())
@@ -155,9 +155,9 @@ def test_checkpoint_write_is_atomic(tmp_path):
     with pytest.raises(Exception):
         ckpt.write_checkpoint(root, 1, {"peer_a.pt": {"w": torch.zeros(3)}, "bad.pt": lambda: None})
     last = ckpt.latest_checkpoint(root)
-    assert last.name == "epoch-0000"
+    assert last.name == "epoch-0001"
     assert torch.equal(ckpt.load(last / "peer_a.pt")["w"], torch.ones(3))
-    assert sorted(p.name for p in root.iterdir()) == ["epoch-0000", "latest"]  # no half-written leftovers
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001", "latest"]  # no half-written leftovers
 
 
 def test_frozen_teacher_from_init_checkpoint(tmp_path):

@@ -65,10 +65,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
 
 
 def write_checkpoint(root: str | os.PathLike, epoch: int, files: Mapping[str, Any], keep: int = 2) -> Path:
-    """Write ``files`` (name → object) as checkpoint ``epoch-NNNN`` under ``root`` and point ``latest`` at it."""
+    """Write ``files`` (name → object) as checkpoint ``epoch-NNNN`` under ``root`` and point ``latest`` at it.
+
+    ``epoch`` is the loop's 0-based index of the epoch just done; the folder carries its number (from 1),
+    as the console, metrics.jsonl and MLflow do."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"epoch-{epoch:04d}"
+    final = root / f"epoch-{epoch + 1:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         for name, obj in files.items():

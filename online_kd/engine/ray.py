@@ -25,7 +25,8 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def read_history(out: Path) -> list[dict]:
-    """Per-epoch records of a run directory, one per epoch (a re-reported epoch keeps its last record)."""
+    """Per-epoch records of a run directory, one per epoch (a re-reported epoch keeps its last record);
+    a record's ``epoch`` is the epoch's number (from 1), i.e. the epochs done when it ended."""
     path = out / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -61,10 +62,10 @@ class EpochReports(UserCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         rep = self._get_reporter()
-        epoch = metrics[0]["epoch"]
+        epoch = metrics[0]["epoch"]  # the workers' 0-based loop index
         if checkpoint is not None:
             atomic_write_text(str(checkpoint.path), rep.out / "checkpoints" / "latest")
-        if any(h["epoch"] == epoch for h in rep.history):
+        if any(h["epoch"] == epoch + 1 for h in rep.history):
             return  # re-run after a restart: already logged once
         train: dict[str, dict] = {}
         evals: dict[str, dict] = {}
@@ -135,7 +136,7 @@ class RayEngine:
         history = read_history(out) if opts.resume else []
         tracker_state = json.loads(tracker_file.read_text()) if opts.resume and tracker_file.is_file() else None
         reporter = Reporter(topo, opts, history=history, tracker_state=tracker_state)
-        reporter.start(None, 0, history[-1]["epoch"] + 1 if history else 0)
+        reporter.start(None, 0, history[-1]["epoch"] if history else 0)
         state = reporter.tracker_state()
         if state:
             tracker_file.write_text(json.dumps(state))
@@ -166,8 +167,8 @@ class RayEngine:
             reporter.failed(result.error)
             raise _translate(result.error) from None
         reporter.history = read_history(out)
-        if reporter.history and reporter.history[-1]["epoch"] + 1 < topo.total_epochs:
-            reporter.stopped(reporter.history[-1]["epoch"] + 1)
+        if reporter.history and reporter.history[-1]["epoch"] < topo.total_epochs:
+            reporter.stopped(reporter.history[-1]["epoch"])
             return reporter.summary(finished=False)
         return reporter.finish()
 

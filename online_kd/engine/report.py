@@ -251,6 +251,10 @@ class Reporter:
         return f"{self._epoch_label}: step {self._steps}{of}{rate}" + (f", loss {loss}" if loss else "") + f" ({elapsed:.0f}s)"
 
     def epoch_done(self, epoch: int, stage: Stage, train: dict, evals: dict, seconds: float) -> None:
+        """Record an epoch (``epoch``: the loop's 0-based index). Everything a person or a tool reads numbers
+        epochs from 1 — console, metrics.jsonl, summary.json, MLflow steps, checkpoint folders — so the
+        number of an epoch is also the count of epochs done when it ends."""
+        number = epoch + 1
         nodes: dict[str, dict[str, float]] = {}
         for node in [n for n in self.topology.nodes if n in train or n in evals]:
             nodes[node] = {**train.get(node, {}), **evals.get(node, {})}
@@ -258,21 +262,19 @@ class Reporter:
             if "top1" in m:
                 prev = self.best(node)
                 m["best_top1"] = max(m["top1"], prev[0]) if prev else m["top1"]
-        self.history.append({"epoch": epoch, "stage": stage.name, "seconds": seconds, "nodes": nodes})
+        self.history.append({"epoch": number, "stage": stage.name, "seconds": seconds, "nodes": nodes})
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(self.history[-1]) + "\n")
         if self.tracker:
-            self.tracker.log_epoch(epoch, nodes)
+            self.tracker.log_epoch(number, nodes)
         if self.opt.on_epoch is not None:
-            self.opt.on_epoch(epoch, nodes)  # e.g. a Tune trial reporting to its scheduler
+            self.opt.on_epoch(number, nodes)  # e.g. a Tune trial reporting to its scheduler
         accs = " · ".join(f"{n} {m['top1']:.1f}%" for n, m in nodes.items() if "top1" in m)
         losses = " · ".join(f"{n} loss {m['loss']:.3f}" for n, m in nodes.items() if "loss" in m)
-        self.console.print(f"epoch {epoch + 1}/{self.topology.total_epochs}"
-                           + (escape(f" [{stage.name}]") if len(self.topology.stages) > 1 else "")
-                           + f"  {accs or losses}  ({seconds:.1f}s)")
+        self.console.print(escape(self._label(epoch, stage)) + f"  {accs or losses}  ({seconds:.1f}s)")
 
     def best(self, node: str) -> tuple[float, int] | None:
-        """(best top-1, its epoch) so far."""
+        """(best top-1, its epoch number) so far."""
         best = None
         for h in self.history:
             m = h["nodes"].get(node, {})
@@ -285,7 +287,7 @@ class Reporter:
         """Per peer and ensemble: last- and best-epoch top-1 (reference tables mix the two)."""
         c = self.topology.config
         out: dict[str, Any] = {"name": c.name, "out": str(self.out), "finished": finished,
-                               "epochs": self.history[-1]["epoch"] + 1 if self.history else 0,
+                               "epochs": self.history[-1]["epoch"] if self.history else 0,
                                "peers": {}, "ensembles": {}}
         if self.tracker is not None:
             out["mlflow"] = {k: v for k, v in self.where().items() if k != "run_dir"}
@@ -297,7 +299,7 @@ class Reporter:
                 best = self.best(n)
                 entry = {"role": self.roles[n], "top1_last": round(last["nodes"][n]["top1"], 4),
                          "top5_last": round(last["nodes"][n]["top5"], 4), "top1_best": round(best[0], 4),
-                         "best_epoch": best[1] + 1, "last_epoch": last["epoch"] + 1}
+                         "best_epoch": best[1], "last_epoch": last["epoch"]}
                 if section == "peers":
                     entry = {"model": c.peers[n].model, **entry}
                 out[section][n] = entry
@@ -311,7 +313,7 @@ class Reporter:
             for h in self.history:
                 for n, m in h["nodes"].items():
                     if "top1" in m:
-                        series.setdefault(n, []).append((h["epoch"] + 1, m["top1"]))
+                        series.setdefault(n, []).append((h["epoch"], m["top1"]))
             return plot_curves(series, self.out / "accuracy.png", title=self.topology.name) if series else None
         except Exception as err:
             self.console.print(f"[yellow]could not plot curves: {err}[/]")
