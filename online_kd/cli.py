@@ -247,9 +247,10 @@ def run_seeds(args) -> int:
 
 
 def _console(stderr: bool = False) -> Console:
-    """A console for tables: the terminal's width, or a wide one when the output goes to a file or pipe."""
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 200)
+    """A console for tables: the terminal's width, or an unbounded one (no wrapping, no truncated cells) and
+    no colour codes when the output goes to a file or pipe."""
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, highlight=False, force_terminal=tty, no_color=not tty, width=None if tty else 1000)
 
 
 def _print_seeds(agg: dict) -> None:
@@ -293,12 +294,13 @@ def cmd_compare(args) -> int:
     picture = plot(rows, out / "compare.png", title=args.experiment)
     if args.format == "table":
         print_table(rows, f"{args.experiment}: {len({r.run_id for r in rows})} runs", _console())
-    else:
+        print(f"wrote {picture}")
+    else:  # stdout is the document (to pipe or redirect); the files are named on stderr
         text = render(rows, args.format)
         ext = {"markdown": "md"}.get(args.format, args.format)
         (out / f"compare.{ext}").write_text(text)
         sys.stdout.write(text)
-    print(f"curves → {picture}", file=sys.stderr)
+        print(f"wrote {out / f'compare.{ext}'} and {picture}", file=sys.stderr)
     return 0
 
 
