@@ -167,7 +167,7 @@ def cmd_run(args) -> int:
         raise TopologyError("--out", f"{out} already holds a run: continue it with --resume, or choose another --out")
     opts = RunOptions(out_dir=out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                       tracking_uri=args.tracking_uri, tracking=not args.no_tracking, quiet=args.quiet,
-                      extra_tags=_overrides_tag(args))
+                      record_steps=args.record_steps, extra_tags=_overrides_tag(args))
     summary = get_engine(topo.config.engine.name)(topo, opts).run()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--stop-after-epochs", type=int, metavar="N", help="stop after N epochs (checkpoint kept; --resume continues)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--record-steps", action="store_true",
+                   help="write each step's loss per peer to <out>/steps/*.jsonl as it happens (engine comparisons)")
     p.add_argument("--seeds", metavar="S,S,…", help="repeat with these seeds (train.seed) into <out>/seed-<s>; "
                                                    "reports mean ± std of last- and best-epoch top-1")
     p.set_defaults(fn=cmd_run)
