@@ -31,7 +31,7 @@ class RunOptions:
     profile: bool = False       # ray engine: time compute, waiting and exchange per step into <out>/profile/
     parent_run_id: str | None = None  # MLflow run (a sweep or seed group) to nest this run's parent run under
     extra_params: dict[str, Any] = field(default_factory=dict)  # more MLflow params (a trial's overridden paths)
-    on_epoch: Callable[[int, dict], None] | None = None  # called with (epoch, node metrics) after each epoch (Tune)
+    on_epoch: Callable[[int, dict], None] | None = None  # called with (epoch number from 1, node metrics) after each epoch (Tune)
 
 
 def seed_everything(seed: int) -> None:
