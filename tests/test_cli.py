@@ -135,8 +135,8 @@ def test_piped_run_is_plain_with_progress_one_epoch_numbering_and_where_results_
     import re
 
     env = {**os.environ, "ONLINE_KD_PROGRESS_EVERY": "0", "FORCE_COLOR": "1", "COLUMNS": "40"}
-    r = cli("run", ROOT / "topologies/quick/dml.yaml", "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=3",
-            "--out", "r", cwd=tmp_path, env=env)
+    r = cli("run", ROOT / "topologies/quick/dml.yaml", "--set", "train.epochs=2",
+            "--set", "train.max_steps_per_epoch=3", "--out", "r", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert "\x1b[" not in r.stderr + r.stdout
     progress = [ln for ln in r.stderr.splitlines() if re.fullmatch(

@@ -138,5 +138,6 @@ def test_compare_never_merges_peers_of_different_topologies(tmp_path):
     assert ("quick-dml", "b") in by_panel and ("quick-kdcl", "b") in by_panel
     for (topology, peer), members in by_panel.items():
         assert {(r.topology, r.peer) for r in members} == {(topology, peer)} and len({r.model for r in members}) == 1
-    assert by_panel[("quick-dml", "b")][0].model == "convnet" and by_panel[("quick-kdcl", "b")][0].model == "convnet_small"
+    assert by_panel[("quick-dml", "b")][0].model == "convnet"
+    assert by_panel[("quick-kdcl", "b")][0].model == "convnet_small"
     assert len([r for r in rows if r.peer == "b"]) == 2  # one row per run × peer

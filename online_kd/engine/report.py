@@ -213,7 +213,8 @@ class Reporter:
     # ------------------------------------------------------------------ per epoch
     def _label(self, epoch: int, stage: Stage) -> str:
         """'epoch 3/10 [stage]' (the stage where there are several); ``epoch`` is the loop's 0-based index."""
-        return f"epoch {epoch + 1}/{self.topology.total_epochs}" + (f" [{stage.name}]" if len(self.topology.stages) > 1 else "")
+        staged = f" [{stage.name}]" if len(self.topology.stages) > 1 else ""
+        return f"epoch {epoch + 1}/{self.topology.total_epochs}{staged}"
 
     def epoch_started(self, epoch: int, stage: Stage) -> None:
         """An epoch begins (``epoch``: the loop's 0-based index): resets the bar or the periodic line."""
@@ -248,7 +249,8 @@ class Reporter:
         of = f"/{self.steps_per_epoch}" if self.steps_per_epoch else ""
         rate = f", {self._steps / elapsed:.1f} steps/s" if elapsed > 0 else ""
         loss = self._loss.text()
-        return f"{self._epoch_label}: step {self._steps}{of}{rate}" + (f", loss {loss}" if loss else "") + f" ({elapsed:.0f}s)"
+        loss = f", loss {loss}" if loss else ""
+        return f"{self._epoch_label}: step {self._steps}{of}{rate}{loss} ({elapsed:.0f}s)"
 
     def epoch_done(self, epoch: int, stage: Stage, train: dict, evals: dict, seconds: float) -> None:
         """Record an epoch (``epoch``: the loop's 0-based index). Everything a person or a tool reads numbers
