@@ -137,7 +137,7 @@ def test_compare_reads_the_sweep(sweep, tmp_path, capsys):
     assert main(["compare", "quick", "--tracking-uri", sweep["uri"], "--out", str(tmp_path), "--format", "markdown",
                  "--runs", "trial-001"]) == 0
     md = capsys.readouterr().out.strip().splitlines()
-    assert md[0].startswith("| group | run | seed | peer |") and set(md[1]) <= {"|", "-"}
+    assert md[0].startswith("| group | run | run id | started | seed | peer |") and set(md[1]) <= {"|", "-"}
     assert len(md) == 4 and all("trial-001" in line for line in md[2:])
 
 
