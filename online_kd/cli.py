@@ -1,4 +1,8 @@
-"""`online-kd validate | plan | run | plot | tune | compare`: the command line over topologies."""
+"""`online-kd validate | plan | run | plot | tune | compare`: the command line over topologies.
+
+Heavy libraries (torch, Ray, MLflow, matplotlib) are imported inside the commands that use them,
+so that usage mistakes and a missing file are answered at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DivergenceError, TopologyError
+from .errors import DivergenceError, TopologyError, suggest
 from .rundir import RunDir
 
 EXIT_USAGE = 2
@@ -150,18 +154,18 @@ def _overrides_tag(args, **more) -> dict[str, str]:
 
 
 def cmd_run(args) -> int:
-    from .engine import get_engine
-    from .engine.options import RunOptions
-
     if args.seeds is not None:
         return run_seeds(args)
     topo = _load(args)
+    from .engine import get_engine
+    from .engine.options import RunOptions
+
     out = Path(args.out) if args.out else _default_out(topo, args.resume)
     if not args.resume and RunDir(out).has_checkpoint():
         raise TopologyError("--out", f"{out} already holds a run: continue it with --resume, or choose another --out")
     opts = RunOptions(out_dir=out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                       tracking_uri=args.tracking_uri, tracking=not args.no_tracking, quiet=args.quiet,
-                      extra_tags=_overrides_tag(args))
+                      record_steps=args.record_steps, extra_tags=_overrides_tag(args))
     summary = get_engine(topo.config.engine.name)(topo, opts).run()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -241,9 +245,10 @@ def run_seeds(args) -> int:
 
 
 def _console(stderr: bool = False) -> Console:
-    """A console for tables: the terminal's width, or a wide one when the output goes to a file or pipe."""
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 200)
+    """A console for tables: the terminal's width, or an unbounded one (no wrapping, no truncated cells) and
+    no colour codes when the output goes to a file or pipe."""
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, highlight=False, force_terminal=tty, no_color=not tty, width=None if tty else 1000)
 
 
 def _print_seeds(agg: dict) -> None:
@@ -287,12 +292,13 @@ def cmd_compare(args) -> int:
     picture = plot(rows, out / "compare.png", title=args.experiment)
     if args.format == "table":
         print_table(rows, f"{args.experiment}: {len({r.run_id for r in rows})} runs", _console())
-    else:
+        print(f"wrote {picture}")
+    else:  # stdout is the document (to pipe or redirect); the files are named on stderr
         text = render(rows, args.format)
         ext = {"markdown": "md"}.get(args.format, args.format)
         (out / f"compare.{ext}").write_text(text)
         sys.stdout.write(text)
-    print(f"curves → {picture}", file=sys.stderr)
+        print(f"wrote {out / f'compare.{ext}'} and {picture}", file=sys.stderr)
     return 0
 
 
@@ -315,8 +321,24 @@ def cmd_plot(args) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+EPOCHS_NOTE = ("train.epochs is per stage: every stage that does not set its own `epochs` trains that many, so "
+               "--set train.epochs=3 on a two-stage topology runs 6 epochs. Epochs are numbered from 1 over all "
+               "stages, alike on the console, in metrics.jsonl, summary.json, MLflow steps and checkpoint folders.")
+
+
+def package_version() -> str:
+    """The installed distribution's version (the source tree's when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("online_kd")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="online-kd", description="Knowledge distillation as a graph.")
+    ap.add_argument("--version", action="version", version=f"online-kd {package_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p, engine=False):
@@ -333,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, engine=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
-    p = sub.add_parser("run", help="train a topology")
+    p = sub.add_parser("run", help="train a topology", description=f"Train a topology. {EPOCHS_NOTE}")
     common(p, engine=True)
     p.add_argument("--out", help="run directory (default runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (default: the latest of this topology)")
@@ -342,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--stop-after-epochs", type=int, metavar="N", help="stop after N epochs (checkpoint kept; --resume continues)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--record-steps", action="store_true",
+                   help="write each step's loss per peer to <out>/steps/*.jsonl as it happens (engine comparisons)")
     p.add_argument("--seeds", metavar="S,S,…", help="repeat with these seeds (train.seed) into <out>/seed-<s>; "
                                                    "reports mean ± std of last- and best-epoch top-1")
     p.set_defaults(fn=cmd_run)
@@ -372,13 +396,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .data import DataError
+def _unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """'unknown command …(did you mean …?)' when the first word is not a command, else None."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if word is None or word in commands or argv.index(word) != 0:
+        return None
+    return suggest(word, commands, "command")
 
+
+def _missing_file(args) -> TopologyError | None:
+    """The topology file (or run directory) a command names but that does not exist: checked before any import."""
+    path = getattr(args, "topology", None)
+    if path is not None and not Path(path).exists():
+        return TopologyError(str(path), "no such topology file" if args.command != "plot" else
+                             "no such topology file or run directory")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    wrong = _unknown_command(parser, argv)
+    if wrong:
+        print(f"error: {wrong}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     try:
+        missing = _missing_file(args)
+        if missing:
+            raise missing
         return args.fn(args)
-    except (TopologyError, DataError) as err:
+    except TopologyError as err:  # DataError too (a TopologyError)
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except DivergenceError as err:

@@ -2,8 +2,10 @@
 
 Rows are run × peer (ensembles too); columns: model, role, last- and best-epoch top-1 (reference
 tables mix the two, so both are always shown), mean ± std over seeds for runs that differ only by
-``train.seed``, and the overrides that differ among the compared runs. Also a PNG of per-peer
-accuracy curves (one panel per peer, one line per run) and csv / json / markdown renderings.
+``train.seed``, and the overrides that differ among the compared runs. Every run is identified by its
+MLflow run id (a unique prefix in tables and legends), its start time and its run directory. Also a PNG
+of per-peer accuracy curves (one panel per topology × peer: peers of different topologies that share a
+name are never drawn together; one line per run) and csv / json / markdown renderings.
 
 The tree it reads is the one :class:`online_kd.tracking.RunTracker` writes: topology runs (tag
 ``online_kd.kind=topology``), each with one child per node, optionally nested under a sweep or a
@@ -16,6 +18,7 @@ import io
 import json
 import math
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from .tracking import TAG_KIND, TAG_NODE, TAG_NODES, TAG_OVERRIDES, TAG_PARENT, 
 
 SEED_PATH = "train.seed"
 GROUP_KINDS = ("sweep", "seeds")
+ID_CHARS = 8  # run-id prefix shown in tables and legends (--runs accepts prefixes of 6 or more)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -78,6 +82,12 @@ class Row:
     best_mean: float | None = None
     best_std: float | None = None
     n_seeds: int | None = None
+    started: str = ""  # the run's start, local time
+    out: str = ""      # its run directory (tag online_kd.out)
+
+    @property
+    def short_id(self) -> str:
+        return self.run_id[:ID_CHARS]
 
 
 def _all_runs(client, experiment_id: str) -> list:
@@ -123,12 +133,13 @@ def _select(tokens: list[str] | None, runs: list, by_id: dict, children: dict) -
 
 
 def _curve(client, run_id: str) -> list[tuple[int, float]]:
-    """(epoch, top-1) per epoch, the last logged value of an epoch winning (a resumed run may repeat one)."""
+    """(epoch, top-1) per epoch (MLflow steps are epoch numbers, from 1), the last logged value of an epoch
+    winning (a resumed run may repeat one)."""
     by_step: dict[int, tuple[int, float]] = {}
     for m in client.get_metric_history(run_id, "top1"):
         if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
             by_step[m.step] = (m.timestamp, m.value)
-    return [(step + 1, v) for step, (_, v) in sorted(by_step.items())]
+    return [(step, v) for step, (_, v) in sorted(by_step.items())]
 
 
 def collect(tracking_uri: str, experiment: str, runs: list[str] | None = None) -> list[Row]:
@@ -181,9 +192,15 @@ def collect(tracking_uri: str, experiment: str, runs: list[str] | None = None) -
                 peer=name, model=model, role=role, status=run.info.status,
                 epochs=last[0] if last else None, top1_last=last[1] if last else None,
                 top1_best=best[1] if best else None, best_epoch=best[0] if best else None,
-                best_trial=tags.get("best") == "true", overrides=overrides, curve=curve))
+                best_trial=tags.get("best") == "true", overrides=overrides, curve=curve,
+                started=_started(run), out=tags.get("online_kd.out", "")))
     add_seed_stats(rows)
     return rows
+
+
+def _started(run) -> str:
+    start = run.info.start_time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start / 1000)) if start else ""
 
 
 def add_seed_stats(rows: list[Row]) -> None:
@@ -228,13 +245,13 @@ def columns(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     show_group = any(r.group for r in rows)
     show_topology = len({r.topology for r in rows}) > 1
     show_seeds = any(r.n_seeds for r in rows)
-    head = ([*(["topology"] if show_topology else []), *(["group"] if show_group else []), "run", "seed", "peer",
-             "model", "role", "epochs", "last top-1", "best top-1 (epoch)"]
+    head = ([*(["topology"] if show_topology else []), *(["group"] if show_group else []), "run", "run id",
+             "started", "seed", "peer", "model", "role", "epochs", "last top-1", "best top-1 (epoch)"]
             + (["last mean ± std", "best mean ± std", "seeds"] if show_seeds else []) + paths)
     cells = []
     for r in rows:
         row = [*([r.topology] if show_topology else []), *([r.group] if show_group else []),
-               r.run + (" ★" if r.best_trial else ""), _value(r.seed), r.peer, r.model, r.role,
+               r.run + (" ★" if r.best_trial else ""), r.short_id, r.started, _value(r.seed), r.peer, r.model, r.role,
                _value(r.epochs) if r.status != "KILLED" else f"{_value(r.epochs)} (stopped)",
                _pct(r.top1_last), f"{_pct(r.top1_best)} ({_value(r.best_epoch)})"]
         if show_seeds:
@@ -291,41 +308,57 @@ def print_table(rows: list[Row], title: str, console) -> None:
     console.print(t)
 
 
+def panels(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+    """The curves' panels: (topology, peer) → its rows with a curve. A peer name is only a name within its
+    topology, so peers of different topologies are never drawn in one panel."""
+    out: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        if r.curve:
+            out.setdefault((r.topology, r.peer), []).append(r)
+    return out
+
+
+def legend_label(r: Row, paths: list[str]) -> str:
+    """A curve's name: run name, run-id prefix, ★ for a sweep's best trial, the differing overrides by their
+    full paths (``engine.name``, never just ``name``) and the seed where seeds are aggregated."""
+    label = f"{r.run} {r.short_id}" + (" ★" if r.best_trial else "")
+    if paths:
+        label += " (" + ", ".join(f"{p}={_value(r.overrides.get(p))}" for p in paths) + ")"
+    return label + (f" seed {r.seed}" if r.n_seeds else "")
+
+
 def plot(rows: list[Row], path: str | Path, title: str | None = None) -> Path:
-    """Per-peer accuracy curves: one panel per peer name, one line per run (the best trial drawn thicker)."""
+    """Per-peer accuracy curves: one panel per (topology, peer), one line per run (the best trial drawn thicker).
+
+    A legend entry names the run and its id prefix, and the overrides that differ by their full paths."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
-    peers = list(dict.fromkeys(r.peer for r in rows if r.curve))
+    by_panel = panels(rows)
+    peers = list(by_panel)
+    several = len({t for t, _ in peers}) > 1
     ncols = min(3, max(1, len(peers)))
     nrows = max(1, math.ceil(len(peers) / ncols))
     fig = Figure(figsize=(5.2 * ncols, 3.9 * nrows), dpi=100)
     FigureCanvasAgg(fig)
-    runs = list(dict.fromkeys((r.group, r.run) for r in rows))
-    ambiguous = len({run for _, run in runs}) < len(runs)
+    runs = list(dict.fromkeys(r.run_id for r in rows))
     palette = [f"C{i}" for i in range(10)]
-    paths = differing_overrides(rows)[:3]  # the legend says what differs (a few, by their last name)
+    paths = differing_overrides(rows)[:3]  # the legend says what differs (a few, by their full paths)
     if not peers:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no top-1 curves", ha="center", va="center", transform=ax.transAxes)
-    for k, peer in enumerate(peers):
+    for k, (topology, peer) in enumerate(peers):
         ax = fig.add_subplot(nrows, ncols, k + 1)
-        for r in rows:
-            if r.peer != peer or not r.curve:
-                continue
-            i = runs.index((r.group, r.run))
+        panel = by_panel[(topology, peer)]
+        for r in panel:
+            i = runs.index(r.run_id)
             xs, ys = zip(*r.curve)
-            label = (f"{r.group}/{r.run}" if ambiguous and r.group else r.run) + (" ★" if r.best_trial else "")
-            if paths:
-                label += " (" + ", ".join(f"{p.rsplit('.', 1)[-1]}={_value(r.overrides.get(p))}" for p in paths) + ")"
-            if r.n_seeds:
-                label += f" seed {r.seed}"
             ax.plot(xs, ys, color=palette[i % 10], linestyle="-" if i < 10 else "--",
                     linewidth=2.6 if r.best_trial else 1.4, marker="o" if len(xs) <= 30 else None, markersize=3,
-                    label=label)
-        ax.set_title(f"{peer} ({next(r.model for r in rows if r.peer == peer)})", fontsize=11)
+                    label=legend_label(r, paths))
+        ax.set_title((f"{topology}: " if several else "") + f"{peer} ({panel[0].model})", fontsize=11)
         ax.set_xlabel("epoch")
         ax.set_ylabel("top-1 (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -27,12 +27,14 @@ class TopologyError(ValueError):
 
 
 class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss; names the step, the peer and the term."""
+    """Training produced a non-finite loss; names the step, the peer and the term.
+
+    ``epoch`` is the training loop's 0-based index; the message numbers epochs from 1, as the console does."""
 
     def __init__(self, epoch: int, step: int, peer: str, term: str, value: float, kept: str | None = None):
         self.epoch, self.step, self.peer, self.term, self.value = epoch, step, peer, term, value
         self.kept = kept
-        super().__init__(f"diverged at epoch {epoch}, step {step}: peer '{peer}', {term} = {value}"
+        super().__init__(f"diverged at epoch {epoch + 1}, step {step}: peer '{peer}', {term} = {value}"
                          + (f" ({kept})" if kept else ""))
 
     def __reduce__(self):  # picklable (Ray workers send errors back)

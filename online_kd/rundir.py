@@ -126,11 +126,11 @@ class RunDir:
 
 
 def accuracy_series(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """Per node, (epoch counted from 1, top-1 %) wherever the node was evaluated."""
+    """Per node, (epoch number, top-1 %) wherever the node was evaluated."""
     series: dict[str, list[tuple[int, float]]] = {}
     for h in history:
         for n, m in h["nodes"].items():
             if "top1" in m:
-                series.setdefault(n, []).append((h["epoch"] + 1, m["top1"]))
+                series.setdefault(n, []).append((h["epoch"], m["top1"]))
     return series
 

@@ -101,3 +101,43 @@ def test_seed_runs_resume(tmp_path, capsys):
     assert main([*args, "--resume", "--json"]) == 0
     agg = json.loads(capsys.readouterr().out)
     assert agg["finished"] and agg["runs"]["3"]["epochs"] == 2 and agg["runs"]["4"]["epochs"] == 2
+
+
+def test_compare_identifies_runs_and_names_overrides_in_full(store, tmp_path, capsys):
+    from online_kd.compare import collect, differing_overrides, legend_label
+
+    rows = collect(store["uri"], "quick")
+    assert len({(r.run_id, r.peer) for r in rows}) == len(rows)
+    for r in rows:
+        assert len(r.started) == len("2026-01-01 00:00:00") and Path(r.out).is_dir() and r.short_id == r.run_id[:8]
+    assert {Path(r.out).name for r in rows} == {"seed-0", "seed-1", "plain"}
+    paths = differing_overrides(rows)
+    plain = next(r for r in rows if r.run == "quick-dml")
+    assert legend_label(plain, paths) == f"quick-dml {plain.run_id[:8]} (peers.a.optimizer.lr=0.01)"
+
+    assert main(["compare", "quick", "--tracking-uri", store["uri"], "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "run id" in out and "started" in out and all(r.short_id in out for r in rows)
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'compare.png'}"
+    assert main(["compare", "quick", "--tracking-uri", store["uri"], "--out", str(tmp_path), "--format", "csv"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == (tmp_path / "compare.csv").read_text()  # stdout is the document; the files are named on stderr
+    assert cap.err.strip() == f"wrote {tmp_path / 'compare.csv'} and {tmp_path / 'compare.png'}"
+
+
+def test_compare_never_merges_peers_of_different_topologies(tmp_path):
+    """quick/dml and quick/kdcl both have a peer 'b' (a convnet in one, a convnet_small in the other)."""
+    from online_kd.compare import collect, panels
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name in ("dml", "kdcl"):
+        assert main(["run", str(ROOT / f"topologies/quick/{name}.yaml"), *QUICK, "--out", str(tmp_path / name),
+                     "--tracking-uri", uri]) == 0
+    rows = collect(uri, "quick")
+    by_panel = panels(rows)
+    assert ("quick-dml", "b") in by_panel and ("quick-kdcl", "b") in by_panel
+    for (topology, peer), members in by_panel.items():
+        assert {(r.topology, r.peer) for r in members} == {(topology, peer)} and len({r.model for r in members}) == 1
+    assert by_panel[("quick-dml", "b")][0].model == "convnet"
+    assert by_panel[("quick-kdcl", "b")][0].model == "convnet_small"
+    assert len([r for r in rows if r.peer == "b"]) == 2  # one row per run × peer

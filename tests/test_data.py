@@ -311,6 +311,8 @@ def test_missing_cifar_is_a_data_error(tmp_path, name, label):
     msg = str(e.value)
     assert msg.startswith(f"data.root: {label} not found under {tmp_path}")
     assert "data.download: true" in msg
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    assert f"expected the folder {tmp_path / folder}/" in msg and "--set data.root=DIR" in msg
     assert isinstance(e.value, ValueError)
 
 

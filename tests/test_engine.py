@@ -142,10 +142,10 @@ def test_divergence_stops_with_step_peer_and_edge_and_keeps_last_good_checkpoint
         run(topo, tmp_path / "nan")
     e = err.value
     assert (e.epoch, e.peer, e.term) == (2, "a", "edge/test_nan_after_from_b")
-    assert "diverged at epoch 2" in str(e) and "peer 'a'" in str(e)
-    assert f"the last good checkpoint is kept: {tmp_path / 'nan' / 'checkpoints' / 'epoch-0001'}, after epoch 1" in str(e)
+    assert "diverged at epoch 3" in str(e) and "peer 'a'" in str(e)  # the third epoch, numbered from 1
+    assert f"the last good checkpoint is kept: {tmp_path / 'nan' / 'checkpoints' / 'epoch-0002'}, after epoch 2" in str(e)
     last = ckpt.latest_checkpoint(tmp_path / "nan" / "checkpoints")
-    assert last.name == "epoch-0001"  # the last good epoch, whole
+    assert last.name == "epoch-0002"  # the last good epoch, whole (epochs numbered from 1)
     state = ckpt.load(last / ckpt.ENGINE_FILE)
     assert state["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt.load(last / "peer_a.pt")["model"].values() if v.is_floating_point())
@@ -162,7 +162,7 @@ def test_divergence_in_the_first_epoch_says_no_checkpoint_was_written(tmp_path, 
     err = capsys.readouterr().err
     assert "Traceback" not in err
     line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
-    assert "diverged at epoch 0" in line and "no checkpoint was written before it diverged" in line
+    assert "diverged at epoch 1" in line and "no checkpoint was written before it diverged" in line
     assert "last good checkpoint" not in line
     assert not ckpt.epoch_dirs(tmp_path / "nan" / "checkpoints")
 
@@ -173,9 +173,9 @@ def test_checkpoint_write_is_atomic(tmp_path):
     with pytest.raises(Exception):
         ckpt.write_checkpoint(root, 1, {"peer_a.pt": {"w": torch.zeros(3)}, "bad.pt": lambda: None})
     last = ckpt.latest_checkpoint(root)
-    assert last.name == "epoch-0000"
+    assert last.name == "epoch-0001"
     assert torch.equal(ckpt.load(last / "peer_a.pt")["w"], torch.ones(3))
-    assert sorted(p.name for p in root.iterdir()) == ["epoch-0000", "latest"]  # no half-written leftovers
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001", "latest"]  # no half-written leftovers
 
 
 def test_frozen_teacher_from_init_checkpoint(tmp_path):

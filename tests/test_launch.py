@@ -299,4 +299,4 @@ def test_submit_quick_dml_to_local_cluster(ray_head, tmp_path):
     assert set(children) == {"a", "b"}
     for run in children.values():
         hist = client.get_metric_history(run.info.run_id, "top1")
-        assert sorted(m.step for m in hist) == [0, 1], [(m.step, m.value) for m in hist]
+        assert sorted(m.step for m in hist) == [1, 2], [(m.step, m.value) for m in hist]

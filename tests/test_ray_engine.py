@@ -216,7 +216,7 @@ def test_killed_worker_resumes_from_checkpoint_with_one_unbroken_history(tmp_pat
     assert set(peers) == {"a", "b"}
     for run_ in peers.values():
         steps = sorted(m.step for m in client.get_metric_history(run_.info.run_id, "top1"))
-        assert steps == list(range(epochs))  # no duplicated or missing epochs
+        assert steps == list(range(1, epochs + 1))  # no duplicated or missing epochs (numbered from 1)
         assert run_.info.status == "FINISHED"
 
 

@@ -46,6 +46,7 @@ def outcome(out: Path, uri: str | None = None) -> dict:
     """What a finished run leaves: summary, per-epoch records (wall times aside), weights, MLflow histories."""
     summary = json.loads((out / "summary.json").read_text())
     summary.pop("out")
+    summary.pop("mlflow", None)  # the store and run id of this run, which differ between runs
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for r in records:
         r.pop("seconds")
@@ -63,14 +64,14 @@ def outcome(out: Path, uri: str | None = None) -> dict:
 
 
 def assert_same(a: dict, b: dict) -> None:
-    assert [r["epoch"] for r in b["records"]] == list(range(EPOCHS))
+    assert [r["epoch"] for r in b["records"]] == list(range(1, EPOCHS + 1))
     assert a["summary"] == b["summary"] and a["records"] == b["records"]
     for p in a["weights"]:
         for k, v in a["weights"][p].items():
             assert torch.equal(v, b["weights"][p][k]), (p, k)
     if "mlflow" in a:
         assert a["mlflow"] == b["mlflow"]  # every epoch once, the same values
-        assert [s for s, _ in b["mlflow"]["a"]["top1"]] == list(range(EPOCHS))
+        assert [s for s, _ in b["mlflow"]["a"]["top1"]] == list(range(1, EPOCHS + 1))
         assert b["mlflow_status"] == ["FINISHED", "FINISHED"]
 
 
@@ -98,14 +99,14 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_from_epoch_0(
     assert killed.returncode == -signal.SIGKILL and not ckpt.epoch_dirs(tmp_path / "run" / "checkpoints")
     resumed = cli(tmp_path / "run", "local", None, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "no checkpoint under" in resumed.stderr and "starting from epoch 0" in resumed.stderr
+    assert "no checkpoint under" in resumed.stderr and "starting from epoch 1" in resumed.stderr
     got = outcome(tmp_path / "run")
     assert_same({k: reference[k] for k in ("summary", "records", "weights")}, got)
 
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):
-    """A run stopped after 2 of its 3 epochs: epoch-0000 and epoch-0001 on disk, to damage and resume."""
+    """A run stopped after 2 of its 3 epochs: epoch-0001 and epoch-0002 on disk, to damage and resume."""
     out = tmp_path_factory.mktemp("stopped") / "run"
     assert main(args(out, "local", None, "--stop-after-epochs", "2")) == 0
     return out
@@ -137,21 +138,21 @@ def error_line(capsys) -> str:
 def test_damaged_newest_checkpoint_falls_back_to_the_older_intact_one(tmp_path, capsys, stopped, reference,
                                                                      damage, file):
     out = copy_of(stopped, tmp_path)
-    damage(out / "checkpoints" / "epoch-0001" / file)
+    damage(out / "checkpoints" / "epoch-0002" / file)
     assert main(args(out, "local", None, "--resume")) == 0
     err = capsys.readouterr().err
     notes = [ln for ln in err.splitlines() if "is damaged" in ln]
-    assert len(notes) == 1 and f"epoch-0001/{file}" in notes[0] and notes[0].endswith("epoch-0000"), err
+    assert len(notes) == 1 and f"epoch-0002/{file}" in notes[0] and notes[0].endswith("epoch-0001"), err
     assert_same({k: reference[k] for k in ("summary", "records", "weights")}, outcome(out))
 
 
 def test_no_intact_checkpoint_is_exit_2_naming_the_damaged_file(tmp_path, capsys, stopped):
     out = copy_of(stopped, tmp_path)
-    truncate(out / "checkpoints" / "epoch-0001" / "peer_b.pt")
-    zero(out / "checkpoints" / "epoch-0000" / "engine.pt")
+    truncate(out / "checkpoints" / "epoch-0002" / "peer_b.pt")
+    zero(out / "checkpoints" / "epoch-0001" / "engine.pt")
     assert main(args(out, "local", None, "--resume")) == 2
     line = error_line(capsys)
-    assert "epoch-0001/peer_b.pt is damaged" in line and "no older checkpoint is intact" in line
+    assert "epoch-0002/peer_b.pt is damaged" in line and "no older checkpoint is intact" in line
 
 
 class _Code:
@@ -161,7 +162,7 @@ class _Code:
 
 def test_checkpoint_with_code_is_refused_in_one_line_exit_2(tmp_path, capsys, stopped):
     out = copy_of(stopped, tmp_path)
-    bad = out / "checkpoints" / "epoch-0001" / "peer_a.pt"
+    bad = out / "checkpoints" / "epoch-0002" / "peer_a.pt"
     torch.save({"model": {}, "payload": _Code()}, bad)
     assert main(args(out, "local", None, "--resume")) == 2
     line = error_line(capsys)
@@ -198,9 +199,9 @@ def test_ray_controller_killed_after_ray_committed_an_epoch_resumes_as_if_uninte
     out = tmp_path / "run"
     killed = cli(out, "ray", uri, fault="ray-reported:2")
     assert killed.returncode != 0 and not (out / "summary.json").is_file()
-    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     directory, state = ray_checkpoint.restore_point(out)
-    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [0, 1]  # committed, not logged
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]  # committed, not logged
     truncate(directory / ckpt.peer_file("a"))
     resumed = cli(out, "ray", uri, "--resume")
     assert resumed.returncode == 0, resumed.stderr

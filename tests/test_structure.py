@@ -26,10 +26,10 @@ def _rec(epoch, top1):
 def test_history_has_one_record_per_epoch_the_last_one_and_skips_a_line_being_written(tmp_path):
     run = RunDir(tmp_path)
     assert run.history() == [] and not run.has_checkpoint() and run.read_summary() is None
-    run.metrics.write_text("\n".join([_rec(0, 10.0), _rec(1, 20.0), _rec(1, 25.0), _rec(2, 30.0)]) + "\n"
-                           + _rec(3, 40.0)[:12])
+    run.metrics.write_text("\n".join([_rec(1, 10.0), _rec(2, 20.0), _rec(2, 25.0), _rec(3, 30.0)]) + "\n"
+                           + _rec(4, 40.0)[:12])
     history = run.history()
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[1]["nodes"]["a"]["top1"] == 25.0  # the epoch re-run after a restart keeps its last record
     assert len(run.records()) == 4
     assert accuracy_series(history) == {"a": [(1, 10.0), (2, 25.0), (3, 30.0)]}

@@ -98,7 +98,7 @@ def test_mlflow_tree_sweep_trials_peers(sweep):
         peers = {p.info.run_name: p for p in _runs(client, **{"mlflow.parentRunId": trial.info.run_id})}
         assert set(peers) == {"teacher", "student"}
         student = client.get_metric_history(peers["student"].info.run_id, "top1")
-        assert [m.step for m in sorted(student, key=lambda m: m.step)] == [2, 3][: t["measurements"]]
+        assert [m.step for m in sorted(student, key=lambda m: m.step)] == [3, 4][: t["measurements"]]
         assert max(student, key=lambda m: m.step).value == pytest.approx(t["metric"])
         assert client.get_metric_history(peers["student"].info.run_id, "loss")  # losses per epoch too
         assert len(client.get_metric_history(peers["teacher"].info.run_id, "top1")) >= 2
@@ -115,9 +115,9 @@ def test_compare_reads_the_sweep(sweep, tmp_path, capsys):
         curve = sorted(client.get_metric_history(
             _runs(client, **{"mlflow.parentRunId": r["run_id"], "online_kd.node": r["peer"]})[0].info.run_id, "top1"),
             key=lambda m: m.step)
-        assert r["top1_last"] == pytest.approx(curve[-1].value) and r["epochs"] == curve[-1].step + 1
+        assert r["top1_last"] == pytest.approx(curve[-1].value) and r["epochs"] == curve[-1].step
         best = max(curve, key=lambda m: m.value)
-        assert r["top1_best"] == pytest.approx(best.value) and r["best_epoch"] == best.step + 1
+        assert r["top1_best"] == pytest.approx(best.value) and r["best_epoch"] == best.step
         assert r["model"] == {"teacher": "convnet", "student": "convnet_small"}[r["peer"]]
         assert r["role"] == r["peer"] and r["group"] == "quick-kd tune space"
         assert r["best_trial"] == (r["run"] == sweep["summary"]["best"]["trial"])
@@ -137,7 +137,7 @@ def test_compare_reads_the_sweep(sweep, tmp_path, capsys):
     assert main(["compare", "quick", "--tracking-uri", sweep["uri"], "--out", str(tmp_path), "--format", "markdown",
                  "--runs", "trial-001"]) == 0
     md = capsys.readouterr().out.strip().splitlines()
-    assert md[0].startswith("| group | run | seed | peer |") and set(md[1]) <= {"|", "-"}
+    assert md[0].startswith("| group | run | run id | started | seed | peer |") and set(md[1]) <= {"|", "-"}
     assert len(md) == 4 and all("trial-001" in line for line in md[2:])
 
 
@@ -266,7 +266,7 @@ def test_ray_engine_trial_drives_a_torch_trainer_and_reports_each_epoch(tmp_path
     peers = {p.info.run_name: p for p in _runs(client, **{"mlflow.parentRunId": trial.info.run_id})}
     assert set(peers) == {"teacher", "student"}
     (student,) = client.get_metric_history(peers["student"].info.run_id, "top1")
-    assert student.step == 1 and student.value == pytest.approx(t["metric"])
+    assert student.step == 2 and student.value == pytest.approx(t["metric"])
 
 
 def test_follower_reports_complete_lines_once_per_epoch(tmp_path):
@@ -278,12 +278,12 @@ def test_follower_reports_complete_lines_once_per_epoch(tmp_path):
     path = tmp_path / "metrics.jsonl"
     seen = []
     rec = lambda e: json.dumps({"epoch": e, "nodes": {"s": {"top1": float(e)}}})  # noqa: E731
-    path.write_text(rec(0) + "\n" + rec(1) + "\n" + rec(1) + "\n" + rec(2)[:10])  # restart re-reported 1; 2 mid-write
+    path.write_text(rec(1) + "\n" + rec(2) + "\n" + rec(2) + "\n" + rec(3)[:10])  # restart re-reported 2; 3 mid-write
     stop = threading.Event()
     stop.set()
     RunDir(tmp_path).follow(lambda epoch, nodes: seen.append(epoch), stop)
-    assert seen == [0, 1]
-    path.write_text(path.read_text()[: -10] + rec(2) + "\n")
+    assert seen == [1, 2]
+    path.write_text(path.read_text()[: -10] + rec(3) + "\n")
     seen.clear()
     RunDir(tmp_path).follow(lambda epoch, nodes: seen.append(epoch), stop)
-    assert seen == [0, 1, 2]
+    assert seen == [1, 2, 3]

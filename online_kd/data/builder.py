@@ -95,8 +95,9 @@ def _cifar(cfg, seed: int):
             if cfg.download or (root / cls.base_folder).exists():
                 raise DataError("data.root", f"{label} under {root} is incomplete or corrupt ({e}); "
                                              "delete it and set data.download: true") from e
-            raise DataError("data.root", f"{label} not found under {root} "
-                                         "(set data.download: true, or point data.root at it)") from e
+            raise DataError("data.root", f"{label} not found under {root}: expected the folder "
+                                         f"{root / cls.base_folder}/ (set data.download: true, or "
+                                         f"--set data.root=DIR where DIR/{cls.base_folder}/ holds it)") from e
         except (OSError, urllib.error.URLError) as e:
             raise DataError("data.download", f"could not download {label} to {root} ({e}); "
                                              "download it elsewhere and point data.root at it") from e

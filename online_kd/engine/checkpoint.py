@@ -109,10 +109,13 @@ def _reason(err: BaseException) -> str:
 
 
 def write_checkpoint(root: str | os.PathLike, epoch: int, files: Mapping[str, Any], keep: int = 2) -> Path:
-    """Write ``files`` (name → object) as checkpoint ``epoch-NNNN`` under ``root`` and point ``latest`` at it."""
+    """Write ``files`` (name → object) as checkpoint ``epoch-NNNN`` under ``root`` and point ``latest`` at it.
+
+    ``epoch`` is the loop's 0-based index of the epoch just done; the folder carries its number (from 1),
+    as the console, metrics.jsonl and MLflow do."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"epoch-{epoch:04d}"
+    final = root / f"epoch-{epoch + 1:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         for name, obj in files.items():
@@ -183,11 +186,11 @@ def newest_intact(root: str | os.PathLike, names: list[str], map_location: str |
     return None, {}
 
 
-def describe_kept(path: Path | None, next_epoch: int | None) -> str:
-    """What a diverged run leaves to resume from, in words for its error line."""
+def describe_kept(path: Path | None, epochs_done: int | None) -> str:
+    """What a diverged run leaves to resume from, in words for its error line (epochs numbered from 1)."""
     if path is None:
-        return "no checkpoint was written before it diverged: nothing to resume, a new run starts from epoch 0"
-    return f"the last good checkpoint is kept: {path}, after epoch {next_epoch - 1}"
+        return "no checkpoint was written before it diverged: nothing to resume, a new run starts from epoch 1"
+    return f"the last good checkpoint is kept: {path}, after epoch {epochs_done}"
 
 
 #: entries that hold the state dict in a wrapped checkpoint: ours and RepDistiller's/mdistiller's ('model'), others'

@@ -42,7 +42,7 @@ class LocalLoop(EpochLoop):
         self.reporter.epoch_started(epoch, stage)
 
     def on_step(self, result) -> None:
-        self.reporter.step_done()
+        self.reporter.step_done({p: t["loss"] for p, t in result.terms.items() if "loss" in t})
 
     def epoch_done(self, record: EpochRecord) -> None:
         self.reporter.epoch_done(record.epoch, record.stage, record.train, record.evals, record.seconds)
@@ -65,7 +65,7 @@ class LocalLoop(EpochLoop):
         path, _ = ckpt.newest_intact(root, names, map_location=self.device, say=self.notes.append)
         if path is None:
             self.notes.append(f"--resume: no checkpoint under {root} (stopped before its first epoch ended); "
-                              "starting from epoch 0")
+                              "starting from epoch 1")
         yield path
 
     def log(self, message: str) -> None:
@@ -97,7 +97,7 @@ class LocalEngine(Engine):
                 loop.reporter.failed(err)
             if isinstance(err, DivergenceError):
                 last = ckpt.latest_checkpoint(RunDir(self.opt.out_dir).checkpoints)
-                raise err.keeping(ckpt.describe_kept(last, int(last.name.split("-")[1]) + 1 if last else None)) from None
+                raise err.keeping(ckpt.describe_kept(last, int(last.name.split("-")[1]) if last else None)) from None
             raise
         if not finished:
             loop.reporter.stopped(loop.next_epoch)

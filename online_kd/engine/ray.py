@@ -150,7 +150,7 @@ class RayEngine(Engine):
         history = self._resume(out, notes.append) if opts.resume else []
         tracker_state = json.loads(tracker_file.read_text()) if opts.resume and tracker_file.is_file() else None
         reporter = Reporter(topo, opts, history=history, tracker_state=tracker_state)
-        reporter.start(None, 0, history[-1]["epoch"] + 1 if history else 0)
+        reporter.start(None, 0, history[-1]["epoch"] if history else 0)
         for note in notes:
             reporter.notice(note)
         state = reporter.tracker_state()
@@ -184,8 +184,8 @@ class RayEngine(Engine):
             reporter.failed(result.error)
             raise _translate(result.error, out) from None
         reporter.history = run.history()
-        if reporter.history and reporter.history[-1]["epoch"] + 1 < topo.total_epochs:
-            reporter.stopped(reporter.history[-1]["epoch"] + 1)
+        if reporter.history and reporter.history[-1]["epoch"] < topo.total_epochs:
+            reporter.stopped(reporter.history[-1]["epoch"])
             return reporter.summary(finished=False)
         return reporter.finish()
 
@@ -195,7 +195,7 @@ class RayEngine(Engine):
         directory, state = ray_checkpoint.restore_point(out, say)
         if directory is None:
             say(f"--resume: no checkpoint under {ray_checkpoint.storage(out)} (stopped before its first epoch "
-                "ended); starting from epoch 0")
+                "ended); starting from epoch 1")
             return []
         return state.get("history", [])
 

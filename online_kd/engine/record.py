@@ -12,7 +12,7 @@ from typing import Any
 
 
 def best(history: list[dict], node: str) -> tuple[float, int] | None:
-    """(best top-1, its epoch) of ``node`` over ``history``."""
+    """(best top-1, its epoch number) of ``node`` over ``history``."""
     out = None
     for h in history:
         m = h["nodes"].get(node, {})
@@ -23,7 +23,9 @@ def best(history: list[dict], node: str) -> tuple[float, int] | None:
 
 def epoch_record(nodes_order: list[str], history: list[dict], epoch: int, stage: str, train: dict, evals: dict,
                  seconds: float) -> dict[str, Any]:
-    """The record of ``epoch``: each node's train and eval metrics, with its best top-1 so far."""
+    """The record of ``epoch`` (the loop's 0-based index): each node's train and eval metrics, with its best
+    top-1 so far. A record numbers its epoch from 1, as the console, summary.json, MLflow steps and
+    checkpoint folders do: the number of an epoch is the count of epochs done when it ends."""
     nodes: dict[str, dict[str, float]] = {}
     for node in [n for n in nodes_order if n in train or n in evals]:
         nodes[node] = {**train.get(node, {}), **evals.get(node, {})}
@@ -31,7 +33,7 @@ def epoch_record(nodes_order: list[str], history: list[dict], epoch: int, stage:
         if "top1" in m:
             prev = best(history, node)
             m["best_top1"] = max(m["top1"], prev[0]) if prev else m["top1"]
-    return {"epoch": epoch, "stage": stage, "seconds": seconds, "nodes": nodes}
+    return {"epoch": epoch + 1, "stage": stage, "seconds": seconds, "nodes": nodes}
 
 
 def merge_reports(metrics: list[dict]) -> tuple[int, str, dict, dict, float]:

@@ -1,6 +1,7 @@
 """What a run tells people: progress, per-epoch history, MLflow runs, pictures and the summary."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -9,7 +10,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from ..rundir import RunDir, accuracy_series
 from ..topology.graph import Stage, Topology
@@ -27,6 +29,51 @@ def roles(topology: Topology) -> dict[str, str]:
     for name in topology.config.ensembles:
         out[name] = "ensemble"
     return out
+
+
+PROGRESS_EVERY_ENV = "ONLINE_KD_PROGRESS_EVERY"
+BAR_REFRESH_S = 0.5  # how often the bar's running losses are read (a read may wait for the device)
+
+
+def progress_every() -> float:
+    """Seconds between plain progress lines when the output is not a terminal ($ONLINE_KD_PROGRESS_EVERY, 30)."""
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_EVERY_ENV, 30)))
+    except ValueError:
+        return 30.0
+
+
+def run_console(quiet: bool = False) -> Console:
+    """The console a run writes to (stderr): a terminal gets colours and its width; a pipe or a file gets
+    plain text, no ANSI codes and no wrapping, whatever the environment says about colours."""
+    tty = sys.stderr.isatty()
+    return Console(stderr=True, quiet=quiet, highlight=False, force_terminal=tty, no_color=not tty,
+                   soft_wrap=not tty, width=None if tty else 1000)
+
+
+class RunningLoss:
+    """Each peer's mean step loss since the epoch began. Tensors are summed where they live and read
+    only when shown, so a step on a GPU does not wait for the device."""
+
+    def __init__(self):
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, losses: dict[str, Any]) -> None:
+        for peer, v in losses.items():
+            v = v.detach() if hasattr(v, "detach") else float(v)
+            self.sums[peer] = v if peer not in self.sums else self.sums[peer] + v
+            self.counts[peer] = self.counts.get(peer, 0) + 1
+
+    def text(self) -> str:
+        return " · ".join(f"{p} {float(v) / self.counts[p]:.3f}" for p, v in self.sums.items())
+
+
+class StepsPerSecond(ProgressColumn):
+    """The bar's speed in steps/s (rich's estimate over the last 30 s)."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} steps/s" if task.speed else "")
 
 
 class _Advance:
@@ -50,6 +97,16 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def mlflow_ui_command(uri: str) -> str:
+    """How to look at a tracking store: the `mlflow ui` command line for a database or file store; a
+    server's own address for an http(s) one."""
+    import shlex
+
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+
+
 class Reporter:
     """Collects each epoch's metrics; shows progress, logs MLflow, writes the run directory's files."""
 
@@ -58,13 +115,18 @@ class Reporter:
         self.out = Path(options.out_dir)
         self.run = RunDir(self.out)
         self.history: list[dict] = list(history or [])
-        self.console = Console(stderr=True, quiet=options.quiet, highlight=False)
+        self.console = run_console(options.quiet)
+        self.progress_every = progress_every()
         self.roles = roles(topology)
         self._tracker_state = tracker_state
         self.tracker = None
         self.progress: Progress | None = None
         self._task = None
         self._t0 = time.time()
+        self._epoch_label = ""
+        self._steps = 0
+        self._loss = RunningLoss()
+        self._epoch_t0 = self._shown = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, info, steps_per_epoch: int, start_epoch: int) -> None:
@@ -78,9 +140,9 @@ class Reporter:
         what = f"resuming at epoch {start_epoch + 1}" if start_epoch else "starting"
         self.console.print(f"[bold]{self.topology.name}[/]: {what}; {self.topology.total_epochs} epochs, "
                            f"{len(self.topology.config.peers)} peers, {len(self.topology.edges)} edges → {self.out}")
-        if not self.opt.quiet and sys.stderr.isatty():
+        if not self.opt.quiet and self.console.is_terminal:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                                     StepsPerSecond(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                                      console=self.console, transient=True)
             self.progress.start()
 
@@ -157,18 +219,51 @@ class Reporter:
         self.console.print(f"{escape(description)}: done in {time.time() - t0:.1f}s")
 
     # ------------------------------------------------------------------ per epoch
+    def _label(self, number: int, stage: str) -> str:
+        """'epoch 3/10 [stage]' (the stage where there are several); ``number`` counts from 1."""
+        staged = f" [{stage}]" if len(self.topology.stages) > 1 else ""
+        return f"epoch {number}/{self.topology.total_epochs}{staged}"
+
     def epoch_started(self, epoch: int, stage: Stage) -> None:
+        """An epoch begins (``epoch``: the loop's 0-based index): resets the bar or the periodic line."""
+        self._epoch_label = self._label(epoch + 1, stage.name)
+        self._steps = 0
+        self._loss = RunningLoss()
+        self._epoch_t0 = self._shown = time.monotonic()
         if self.progress is not None:
             if self._task is not None:
                 self.progress.remove_task(self._task)
-            desc = f"epoch {epoch + 1}/{self.topology.total_epochs}" + (escape(f" [{stage.name}]") if len(self.topology.stages) > 1 else "")
-            self._task = self.progress.add_task(desc, total=self.steps_per_epoch, info="")
+            self._task = self.progress.add_task(escape(self._epoch_label), total=self.steps_per_epoch, info="")
 
-    def step_done(self) -> None:
-        if self.progress is not None:
+    def step_done(self, losses: dict[str, Any] | None = None) -> None:
+        """A training step ended; ``losses``: each trained peer's step loss (a float or a 0-d tensor).
+        On a terminal the bar advances; otherwise a plain progress line every :attr:`progress_every` seconds."""
+        self._steps += 1
+        if losses:
+            self._loss.add(losses)
+        now = time.monotonic()
+        if self.progress is not None and self._task is not None:
             self.progress.advance(self._task)
+            if now - self._shown >= BAR_REFRESH_S or self._steps == self.steps_per_epoch:
+                self._shown = now
+                self.progress.update(self._task, info=escape(self._loss.text()))
+        elif self.progress is None and not self.opt.quiet and now - self._shown >= self.progress_every:
+            self._shown = now
+            self.console.print(self.progress_line(now), markup=False)
+
+    def progress_line(self, now: float | None = None) -> str:
+        """'epoch 2/10: step 120/782, 4.1 steps/s, loss a 1.234 · b 1.567 (29s)': the plain progress line."""
+        elapsed = (time.monotonic() if now is None else now) - self._epoch_t0
+        of = f"/{self.steps_per_epoch}" if self.steps_per_epoch else ""
+        rate = f", {self._steps / elapsed:.1f} steps/s" if elapsed > 0 else ""
+        loss = self._loss.text()
+        loss = f", loss {loss}" if loss else ""
+        return f"{self._epoch_label}: step {self._steps}{of}{rate}{loss} ({elapsed:.0f}s)"
 
     def epoch_done(self, epoch: int, stage: Stage, train: dict, evals: dict, seconds: float) -> None:
+        """Record an epoch (``epoch``: the loop's 0-based index). Everything a person or a tool reads numbers
+        epochs from 1 — console, metrics.jsonl, summary.json, MLflow steps, checkpoint folders — so the
+        number of an epoch is also the count of epochs done when it ends."""
         self.log_record(epoch_record(self.topology.nodes, self.history, epoch, stage.name, train, evals, seconds))
 
     def log_record(self, record: dict) -> None:
@@ -184,12 +279,10 @@ class Reporter:
         fault_point("epoch-logged")
         accs = " · ".join(f"{n} {m['top1']:.1f}%" for n, m in nodes.items() if "top1" in m)
         losses = " · ".join(f"{n} loss {m['loss']:.3f}" for n, m in nodes.items() if "loss" in m)
-        self.console.print(f"epoch {epoch + 1}/{self.topology.total_epochs}"
-                           + (escape(f" [{record['stage']}]") if len(self.topology.stages) > 1 else "")
-                           + f"  {accs or losses}  ({record['seconds']:.1f}s)")
+        self.console.print(escape(self._label(epoch, record["stage"])) + f"  {accs or losses}  ({record['seconds']:.1f}s)")
 
     def best(self, node: str) -> tuple[float, int] | None:
-        """(best top-1, its epoch) so far."""
+        """(best top-1, its epoch number) so far."""
         return best(self.history, node)
 
     # ------------------------------------------------------------------ end
@@ -197,8 +290,10 @@ class Reporter:
         """Per peer and ensemble: last- and best-epoch top-1 (reference tables mix the two)."""
         c = self.topology.config
         out: dict[str, Any] = {"name": c.name, "out": str(self.out), "finished": finished,
-                               "epochs": self.history[-1]["epoch"] + 1 if self.history else 0,
+                               "epochs": self.history[-1]["epoch"] if self.history else 0,
                                "peers": {}, "ensembles": {}}
+        if self.tracker is not None:
+            out["mlflow"] = {k: v for k, v in self.where().items() if k != "run_dir"}
         for section, names in (("peers", c.peers), ("ensembles", c.ensembles)):
             for n in names:
                 last = next((h for h in reversed(self.history) if "top1" in h["nodes"].get(n, {})), None)
@@ -207,7 +302,7 @@ class Reporter:
                 best = self.best(n)
                 entry = {"role": self.roles[n], "top1_last": round(last["nodes"][n]["top1"], 4),
                          "top5_last": round(last["nodes"][n]["top5"], 4), "top1_best": round(best[0], 4),
-                         "best_epoch": best[1] + 1, "last_epoch": last["epoch"] + 1}
+                         "best_epoch": best[1], "last_epoch": last["epoch"]}
                 if section == "peers":
                     entry = {"model": c.peers[n].model, **entry}
                 out[section][n] = entry
@@ -244,13 +339,31 @@ class Reporter:
             for n, e in summary[sec].items():
                 self.console.print(f"  {n:<12} {e.get('model', e['role']):<14} top-1 last {e['top1_last']:.2f}%  "
                                    f"best {e['top1_best']:.2f}% (epoch {e['best_epoch']})")
-        self.console.print(f"done in {time.time() - self._t0:.0f}s → {self.out}")
+        self.console.print(f"done in {time.time() - self._t0:.0f}s")
+        self._print_where()
         return summary
+
+    def where(self) -> dict[str, str]:
+        """Where the run's results are: its directory and, when tracked, the MLflow store, experiment and run."""
+        out = {"run_dir": str(self.out.resolve())}
+        if self.tracker is not None:
+            out.update(tracking_uri=self.tracker.uri, experiment=self.tracker.experiment,
+                       run_id=self.tracker.parent_run_id or "")
+        return out
+
+    def _print_where(self) -> None:
+        w = self.where()
+        self.console.print(f"run directory: {w['run_dir']}", markup=False)
+        if "tracking_uri" in w:
+            self.console.print(f"MLflow: {w['tracking_uri']}  experiment '{w['experiment']}'  run {w['run_id']}",
+                               markup=False)
+            self.console.print(f"browse: {mlflow_ui_command(w['tracking_uri'])}", markup=False)
 
     def stopped(self, next_epoch: int) -> None:
         """Paused on request (--stop-after-epochs): MLflow runs stay open for --resume."""
         self._close_progress()
         self.console.print(f"stopped after epoch {next_epoch}; continue with --resume --out {self.out}")
+        self._print_where()
 
     def failed(self, err: BaseException) -> None:
         self._close_progress()

@@ -182,7 +182,7 @@ def _outcomes(grid, cfg: SpaceConfig, out: Path, topology) -> list[TrialOutcome]
         results.append(TrialOutcome(
             name=name, trial_id=trial_id, overrides=dict(r.config.get("overrides", {})),
             value=float(value) if value is not None else None, best=pick(series) if series else None,
-            series=series, epoch=history[-1]["epoch"] + 1 if history else None, measurements=len(series),
+            series=series, epoch=history[-1]["epoch"] if history else None, measurements=len(series),
             status=status, reports=int(m.get("training_iteration") or 0),
             error=str(r.error).strip().splitlines()[-1][:300] if r.error else None,
             metrics={k: v for k, v in m.items() if isinstance(v, (int, float)) and k.startswith(("peers.", "ensemble."))},

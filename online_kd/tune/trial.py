@@ -51,7 +51,7 @@ class TuneReport:
                 best_key = k[:-5] + ".best_" + k[-4:]
                 self.best[best_key] = max(v, self.best.get(best_key, -math.inf))
         result.update(self.best)
-        result["epoch"] = epoch + 1
+        result["epoch"] = epoch  # numbered from 1, as in metrics.jsonl
         if self.queue is not None:
             self.queue.put(result)
         else:
