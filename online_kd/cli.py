@@ -153,6 +153,10 @@ def _overrides_tag(args, **more) -> dict[str, str]:
     return {TAG_OVERRIDES: json.dumps(overrides, sort_keys=True, default=str)} if overrides else {}
 
 
+VERBOSE_HELP = ("also show Ray's and Ray Train's own output (start-up, worker groups, every process's log "
+                "lines); by default only warnings and errors, and online-kd's lines")
+
+
 def cmd_run(args) -> int:
     if args.seeds is not None:
         return run_seeds(args)
@@ -165,7 +169,7 @@ def cmd_run(args) -> int:
         raise TopologyError("--out", f"{out} already holds a run: continue it with --resume, or choose another --out")
     opts = RunOptions(out_dir=out, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                       tracking_uri=args.tracking_uri, tracking=not args.no_tracking, quiet=args.quiet,
-                      record_steps=args.record_steps, extra_tags=_overrides_tag(args))
+                      record_steps=args.record_steps, extra_tags=_overrides_tag(args), verbose=args.verbose)
     summary = get_engine(topo.config.engine.name)(topo, opts).run()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -221,7 +225,7 @@ def run_seeds(args) -> int:
             seed_topo = _load(argparse.Namespace(topology=args.topology, set=[*args.set, *extra], engine=args.engine))
             opts = RunOptions(out_dir=seed_out, resume=resume, stop_after_epochs=args.stop_after_epochs,
                               tracking_uri=group.uri if group else args.tracking_uri, tracking=group is not None,
-                              quiet=args.quiet, parent_run_id=group.parent_run_id if group else None,
+                              quiet=args.quiet, verbose=args.verbose, parent_run_id=group.parent_run_id if group else None,
                               extra_tags={"online_kd.seed": str(seed), **_overrides_tag(args, **{SEED_PATH: seed})})
             summaries[seed] = get_engine(seed_topo.config.engine.name)(seed_topo, opts).run()
     except BaseException as err:
@@ -273,7 +277,7 @@ def cmd_tune(args) -> int:
     sets = list(args.set) + ([f"engine.name={args.engine}"] if args.engine else [])
     summary = run_sweep(args.topology, args.space, sets, seeds=parse_seeds(args.seeds), out=args.out,
                         tracking=not args.no_tracking, tracking_uri=args.tracking_uri, num_cpus=args.num_cpus,
-                        num_samples=args.num_samples, quiet=args.quiet)
+                        num_samples=args.num_samples, quiet=args.quiet, verbose=args.verbose)
     print_sweep(summary, _console(stderr=True))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -364,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--stop-after-epochs", type=int, metavar="N", help="stop after N epochs (checkpoint kept; --resume continues)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("--record-steps", action="store_true",
                    help="write each step's loss per peer to <out>/steps/*.jsonl as it happens (engine comparisons)")
     p.add_argument("--seeds", metavar="S,S,…", help="repeat with these seeds (train.seed) into <out>/seed-<s>; "
@@ -385,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--json", action="store_true", help="print the sweep summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no Tune progress output")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("compare", help="table and curves of the peers of an MLflow experiment's runs")
     p.add_argument("experiment", help="MLflow experiment (a topology's tracking.experiment, e.g. quick)")

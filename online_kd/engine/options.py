@@ -22,6 +22,7 @@ class RunOptions:
     tracking_uri: str | None = None
     tracking: bool = True
     quiet: bool = False
+    verbose: bool = False  # ray engine: Ray's and Ray Train's own output too (forwarded worker logs, INFO lines)
     extra_tags: dict[str, str] = field(default_factory=dict)
     record_steps: bool = False  # write each step's per-peer loss to <out>/steps/ (engine equivalence checks)
     profile: bool = False       # ray engine: time compute, waiting and exchange per step into <out>/profile/

@@ -122,11 +122,12 @@ class RayEngine(Engine):
                 read_config(name, p.deepspeed.config)
 
     def run(self) -> dict[str, Any]:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         from ..data import dataset_info
         from ..rundir import RunDir
+        from .ray_progress import Relay, open_channel
         from .ray_reports import EpochReports, options_dict
         from .rendezvous import BoundStoreTorchConfig
         from .worker import train_worker
@@ -157,12 +158,15 @@ class RayEngine(Engine):
         if state:
             tracker_file.write_text(json.dumps(state))
 
-        ensure_ray(max(os.cpu_count() or 1, world + 1))  # a logical CPU per worker, whatever the core count
+        reporter.phase("starting Ray…")
+        started = ensure_ray(max(os.cpu_count() or 1, world + 1),  # a logical CPU per worker, whatever the core count
+                             log_to_driver=opts.verbose, logging_level="INFO" if opts.verbose else "WARNING")
         check_cluster_resources(topo)
+        channel = open_channel()
         threads = c.train.threads or max(1, (os.cpu_count() or 1) // world)
         config = {"raw": topo.raw, "plan": plan, "out_dir": str(out), "threads": threads, "use_gpu": use_gpu,
                   "record_steps": opts.record_steps, "profile": opts.profile,
-                  "stop_after_epochs": opts.stop_after_epochs}
+                  "stop_after_epochs": opts.stop_after_epochs, "progress": channel, "verbose": opts.verbose}
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=config,
@@ -172,14 +176,24 @@ class RayEngine(Engine):
                 name="ray", storage_path=str(out / "ray"),
                 failure_config=FailureConfig(max_failures=c.engine.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                callbacks=[EpochReports(topo.raw, options_dict(opts), state)],
+                callbacks=[EpochReports(topo.raw, options_dict(opts), state, channel)],
+                logging_config=LoggingConfig(log_level="INFO" if opts.verbose else "WARNING"),
             ),
         )
+        relay = Relay(channel, reporter, world).start()
         try:
             result = trainer.fit()
         except Exception as err:
             reporter.failed(err)
             raise _translate(err, out) from None
+        finally:
+            relay.stop()
+            import ray
+
+            if started:
+                ray.shutdown()  # now, not at exit: the summary is the run's last line
+            else:
+                ray.kill(channel)  # a Tune trial's Ray lives on
         if result.error is not None:
             reporter.failed(result.error)
             raise _translate(result.error, out) from None

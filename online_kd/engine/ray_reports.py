@@ -22,8 +22,9 @@ def options_dict(opts: RunOptions) -> dict:
 class EpochReports(UserCallback):
     """Controller-side: merges every rank's epoch report and logs it once (MLflow, history, progress)."""
 
-    def __init__(self, raw: dict, options: dict, tracker_state: dict | None):
+    def __init__(self, raw: dict, options: dict, tracker_state: dict | None, channel=None):
         self.raw, self.options, self.tracker_state = raw, options, tracker_state
+        self.channel = channel  # the driver's progress channel: epoch lines go there, not to this process's stderr
         self._reporter = None
 
     def _get_reporter(self) -> Reporter:
@@ -32,7 +33,8 @@ class EpochReports(UserCallback):
 
             topo = load_topology(self.raw, check=False)
             opts = RunOptions(out_dir=Path(self.options["out_dir"]), tracking=self.options["tracking"],
-                              quiet=self.options["quiet"], tracking_uri=self.options["tracking_uri"])
+                              quiet=self.options["quiet"] or self.channel is not None,
+                              tracking_uri=self.options["tracking_uri"])
             self._reporter = Reporter(topo, opts, history=RunDir(opts.out_dir).history(), tracker_state=self.tracker_state)
             self._reporter.attach()
         return self._reporter
@@ -50,3 +52,7 @@ class EpochReports(UserCallback):
         for record in records:  # epochs a killed controller committed but never logged, then this one
             if record["epoch"] not in logged:  # a re-run after a restart is logged once
                 rep.log_record(record)
+                if self.channel is not None:
+                    from .ray_progress import post_epoch
+
+                    post_epoch(self.channel, record)

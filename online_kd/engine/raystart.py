@@ -16,13 +16,15 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 LOOPBACK = "127.0.0.1"
 
 
-def ensure_ray(num_cpus: int, log_to_driver: bool = True) -> bool:
+def ensure_ray(num_cpus: int, log_to_driver: bool = True, logging_level: str = "INFO") -> bool:
     """Connects to $RAY_ADDRESS, or starts a loopback-only local instance with ``num_cpus`` logical CPUs.
 
     Returns True if this call started or connected Ray (the caller then owns ``ray.shutdown()``),
     False if Ray was already up (e.g. inside a Tune trial). The Train controller's poll interval
     ($RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) defaults to 0.25 s; a value already set (a job's runtime env)
     is left alone. The dashboard keeps running: it serves the State API that Ray Train queries.
+    ``log_to_driver``: other processes' output forwarded to this one; ``logging_level``: of the driver's
+    ``ray`` loggers (WARNING keeps Ray's start-up lines out of a run's output).
     """
     import ray
 
@@ -30,15 +32,16 @@ def ensure_ray(num_cpus: int, log_to_driver: bool = True) -> bool:
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_DEFAULT)
     if ray.is_initialized():
         return False
+    init = {"log_to_driver": log_to_driver, "logging_level": logging_level}
     runtime_env = None if preset else {"env_vars": {HEALTH_CHECK_ENV: os.environ[HEALTH_CHECK_ENV]}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=log_to_driver)
+        ray.init(runtime_env=runtime_env, **init)
     else:
-        _start_local(num_cpus, runtime_env, log_to_driver)
+        _start_local(num_cpus, runtime_env, init)
     return True
 
 
-def _start_local(num_cpus: int, runtime_env: dict | None, log_to_driver: bool) -> None:
+def _start_local(num_cpus: int, runtime_env: dict | None, init: dict) -> None:
     import ray
     from ray._private import services
 
@@ -46,8 +49,8 @@ def _start_local(num_cpus: int, runtime_env: dict | None, log_to_driver: bool) -
     resolve = services.resolve_ip_for_localhost
     services.resolve_ip_for_localhost = lambda host: host  # keep 127.0.0.1 as the node address
     try:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, log_to_driver=log_to_driver,
-                 _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK,
+                 **init)
     finally:
         services.resolve_ip_for_localhost = resolve
 

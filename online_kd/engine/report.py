@@ -154,6 +154,10 @@ class Reporter:
 
             self.tracker = RunTracker.resume(self._tracker_state)
 
+    def phase(self, text: str) -> None:
+        """A short line on how the run is getting on ('starting Ray…', '2 workers up in 12 s'); not with --quiet."""
+        self.console.print(text, markup=False)
+
     def notice(self, text: str) -> None:
         """A one-line notice shown even with --quiet (a resume that falls back or starts over)."""
         print(text, file=sys.stderr, flush=True)
@@ -238,12 +242,19 @@ class Reporter:
     def step_done(self, losses: dict[str, Any] | None = None) -> None:
         """A training step ended; ``losses``: each trained peer's step loss (a float or a 0-d tensor).
         On a terminal the bar advances; otherwise a plain progress line every :attr:`progress_every` seconds."""
-        self._steps += 1
         if losses:
             self._loss.add(losses)
+        self.steps_done(self._steps + 1)
+
+    def steps_done(self, steps: int, loss: RunningLoss | None = None) -> None:
+        """``steps`` steps of the epoch are done, with these running losses: progress counted elsewhere
+        (the ray engine's workers) shown like :meth:`step_done`'s."""
+        advance, self._steps = steps - self._steps, steps
+        if loss is not None:
+            self._loss = loss
         now = time.monotonic()
         if self.progress is not None and self._task is not None:
-            self.progress.advance(self._task)
+            self.progress.advance(self._task, advance)
             if now - self._shown >= BAR_REFRESH_S or self._steps == self.steps_per_epoch:
                 self._shown = now
                 self.progress.update(self._task, info=escape(self._loss.text()))
@@ -277,9 +288,15 @@ class Reporter:
         if self.opt.on_epoch is not None:
             self.opt.on_epoch(epoch, nodes)  # e.g. a Tune trial reporting to its scheduler
         fault_point("epoch-logged")
+        self.epoch_line(record)
+
+    def epoch_line(self, record: dict) -> None:
+        """The console line of an epoch's record: 'epoch 3/12  a 91.2% · b 90.8%  (4.1s)'."""
+        nodes = record["nodes"]
         accs = " · ".join(f"{n} {m['top1']:.1f}%" for n, m in nodes.items() if "top1" in m)
         losses = " · ".join(f"{n} loss {m['loss']:.3f}" for n, m in nodes.items() if "loss" in m)
-        self.console.print(escape(self._label(epoch, record["stage"])) + f"  {accs or losses}  ({record['seconds']:.1f}s)")
+        self.console.print(escape(self._label(record["epoch"], record["stage"])) + f"  {accs or losses}  "
+                           f"({record['seconds']:.1f}s)")
 
     def best(self, node: str) -> tuple[float, int] | None:
         """(best top-1, its epoch number) so far."""

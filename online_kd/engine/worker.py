@@ -19,6 +19,7 @@ from ..topology.graph import Stage, Topology
 from . import zero
 from .exchange import Exchange, exchange_dtype, placement
 from .loop import Collective, EpochLoop, EpochRecord
+from .ray_progress import StepPoster
 from .record import epoch_record, merge_reports
 from .runtime import Runtime
 
@@ -145,11 +146,19 @@ class WorkerLoop(EpochLoop):
         self.compute: list[float] = []
         self.record: EpochRecord | None = None
         self.history: list[dict] = []  # every epoch's record: rank 0's checkpoint commits it with the epoch's state
+        channel = config.get("progress")  # the driver's progress channel (ray_progress)
+        self.poster = StepPoster(channel, col.rank, col.primary) if channel is not None else None
 
     def started(self, state, info, steps_per_epoch, start_epoch) -> None:
         self.history = state.get("history", []) if state else []
 
+    def epoch_started(self, epoch, stage, steps_per_epoch) -> None:
+        if self.poster is not None:
+            self.poster.epoch_started(epoch, stage.name, steps_per_epoch)
+
     def on_step(self, result) -> None:
+        if self.poster is not None:
+            self.poster.step_done(result.terms)
         if self.collective.profile:
             t = self.collective.timings
             n = len(self.rt.phases)
@@ -211,6 +220,8 @@ def train_worker(config: dict) -> None:
     topo = load_topology(config["raw"], check=False)
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     loop = WorkerLoop(topo, config, device)
+    if loop.poster is not None:
+        loop.poster.up(forward_warnings=not config.get("verbose"))
     out = Path(config["out_dir"])
     (out / "pids").mkdir(parents=True, exist_ok=True)
     (out / "pids" / f"rank{loop.collective.rank}.pid").write_text(str(os.getpid()))

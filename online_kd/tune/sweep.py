@@ -79,7 +79,8 @@ def _search(cfg: SpaceConfig, concurrent: int):
 
 def run_sweep(topology_path: str, space_path: str, sets: list[str] = (), seeds: list[int] | None = None,
               out: str | os.PathLike | None = None, tracking: bool = True, tracking_uri: str | None = None,
-              num_cpus: int | None = None, num_samples: int | None = None, quiet: bool = False) -> dict:
+              num_cpus: int | None = None, num_samples: int | None = None, quiet: bool = False,
+              verbose: bool = False) -> dict:
     """Validate, search with Ray Tune, record the sweep in MLflow; the sweep summary (also <out>/sweep.json)."""
     raw = apply_overrides(read_yaml(topology_path), list(sets))
     space = load_space(space_path)
@@ -116,7 +117,7 @@ def run_sweep(topology_path: str, space_path: str, sets: list[str] = (), seeds: 
         sweep.log_text(space.text, "space.yaml")
         sweep.log_text(topo.to_yaml(), "topology.yaml")
 
-    started = ensure_ray(ray_cpus)
+    started = ensure_ray(ray_cpus, logging_level="INFO" if verbose else "WARNING")
     try:
         from ray import tune
 

@@ -1,0 +1,63 @@
+"""What a user sees from the README's main command on the ray engine, with stdout and stderr piped:
+online-kd's own lines only (no Ray noise, no colour codes), progress inside an epoch, and where the
+run went at the end; ``--verbose`` lets Ray's own lines through."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: lines of Ray's and Ray Train's own output that must not reach a default run's output
+RAY_NOISE = [
+    re.compile(r"pid=\d+"),                      # (TrainController pid=…) / (RayTrainWorker pid=…) prefixes
+    re.compile(r"core_worker"),                  # core_worker.cc … PreemptionWatcher
+    re.compile(r"Ray Train"),                    # "Ray Train … worker group", "Ray Train run …" banners
+    re.compile(r"\[RayTrainWorker"),
+    re.compile(r"(?i)auth(entication)? token|token auth"),
+    re.compile(r"(?i)worker group|world_rank|Started a local Ray instance|Started distributed worker processes"),
+    re.compile(r"\b(INFO|DEBUG)\b"),             # a logger's INFO/DEBUG line from any process
+]
+ANSI = re.compile(r"\x1b\[")
+PROGRESS = re.compile(r"^epoch \d+/\d+: step \d+/\d+, [\d.]+ steps/s, loss a [\d.]+ · b [\d.]+ \(\d+s\)$")
+
+
+def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ONLINE_KD_PROGRESS_EVERY": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "online_kd.cli", "run", str(ROOT / "topologies/quick/dml.yaml"), "--engine", "ray",
+           "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=3", "--set", "train.threads=1",
+           "--tracking-uri", uri, "--out", str(tmp_path / "run"), *extra]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_ray_run_output_is_online_kds_own(tmp_path):
+    r = _run(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (r.stdout + r.stderr).splitlines()
+    noise = [ln for ln in lines if any(p.search(ln) for p in RAY_NOISE)]
+    assert not noise, "Ray's own lines in the output:\n" + "\n".join(noise)
+    assert not [ln for ln in lines if ANSI.search(ln)], "colour codes in piped output"
+    assert "starting Ray…" in lines
+    assert any(re.fullmatch(r"2 workers up in \d+ s", ln) for ln in lines), lines
+    assert any(PROGRESS.match(ln) for ln in lines), "no progress line inside an epoch:\n" + "\n".join(lines)
+    epochs = [ln for ln in lines if re.match(r"epoch [12]/2  ", ln)]
+    assert [e.split()[1] for e in epochs] == ["1/2", "2/2"], lines
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tail = "\n".join(lines[-4:])
+    assert f"MLflow: {uri}" in tail and f"mlflow ui --backend-store-uri {uri}" in tail, tail
+    assert f"run directory: {tmp_path / 'run'}" in tail, tail
+
+
+@pytest.mark.slow
+def test_verbose_ray_run_shows_rays_lines(tmp_path):
+    r = _run(tmp_path, "--verbose", "--no-tracking")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert re.search(r"\((RayTrainWorker|TrainController) pid=\d+", out), out[-3000:]
+    assert any(PROGRESS.match(ln) for ln in out.splitlines())
