@@ -61,3 +61,30 @@ def test_verbose_ray_run_shows_rays_lines(tmp_path):
     out = r.stdout + r.stderr
     assert re.search(r"\((RayTrainWorker|TrainController) pid=\d+", out), out[-3000:]
     assert any(PROGRESS.match(ln) for ln in out.splitlines())
+
+
+def test_relay_merges_each_workers_steps_and_losses_into_one_progress_line(tmp_path, capsys, monkeypatch):
+    """The driver side of the ray engine's progress: each worker posts its own peers' running sums; the
+    relay shows one line per update with every peer, then the epoch's line, and drops late posts."""
+    from online_kd.engine.options import RunOptions
+    from online_kd.engine.ray_progress import Relay
+    from online_kd.engine.report import Reporter
+    from online_kd.topology import load_topology
+
+    monkeypatch.setenv("ONLINE_KD_PROGRESS_EVERY", "0")
+    topo = load_topology(str(ROOT / "topologies/quick/dml.yaml"))
+    reporter = Reporter(topo, RunOptions(out_dir=tmp_path, tracking=False))
+    reporter.start(None, 0, 0)
+    relay = Relay(None, reporter, workers=2)
+    stage = topo.stages[0].name
+    relay._on_up(1)
+    relay._on_up(0)
+    relay._on_step(0, 0, stage, 1, 3, {"a": 2.0}, {"a": 1})
+    relay._on_step(1, 0, stage, 2, 3, {"b": 6.0}, {"b": 2})
+    relay._on_epoch({"epoch": 1, "stage": stage, "seconds": 1.5, "nodes": {"a": {"top1": 50.0}, "b": {"top1": 25.0}}})
+    relay._on_step(0, 0, stage, 3, 3, {"a": 9.0}, {"a": 3})  # posted before the epoch ended, arrived after
+    lines = capsys.readouterr().err.splitlines()[1:]
+    assert re.fullmatch(r"2 workers up in \d+ s", lines[0]), lines
+    assert re.fullmatch(r"epoch 1/12: step 1/3, [\d.]+ steps/s, loss a 2\.000 \(\d+s\)", lines[1]), lines
+    assert re.fullmatch(r"epoch 1/12: step 2/3, [\d.]+ steps/s, loss a 2\.000 · b 3\.000 \(\d+s\)", lines[2]), lines
+    assert lines[3:] == ["epoch 1/12  a 50.0% · b 25.0%  (1.5s)"]
