@@ -22,7 +22,7 @@ from . import ray_checkpoint
 from .base import Engine, Resources
 from .exchange import placement
 from .options import check_inits
-from .raystart import ensure_ray
+from .raystart import RayStarting
 from .report import Reporter
 
 #: most workers the ray engine starts for one topology
@@ -122,47 +122,32 @@ class RayEngine(Engine):
                 read_config(name, p.deepspeed.config)
 
     def run(self) -> dict[str, Any]:
+        topo, c, opts = self.topology, self.topology.config, self.opt
+        check_inits(topo)
+        self._check()
+        world = ray_workers(topo)[0]
+        ray_up = RayStarting(max(os.cpu_count() or 1, world + 1),  # a logical CPU per worker, whatever the core count
+                             log_to_driver=opts.verbose, logging_level="INFO" if opts.verbose else "WARNING")
+        try:
+            reporter, state, plan = self._prepare()
+            reporter.phase("starting Ray…")
+            started = ray_up.wait()
+        except BaseException:
+            ray_up.abandon()
+            raise
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from ..data import dataset_info
-        from ..rundir import RunDir
         from .ray_progress import Relay, open_channel
         from .ray_reports import EpochReports, options_dict
         from .rendezvous import BoundStoreTorchConfig
         from .worker import train_worker
 
-        topo, c, opts = self.topology, self.topology.config, self.opt
-        check_inits(topo)
-        self._check()
-        from ..topology.plan import build_plan
-
-        with torch.random.fork_rng(devices=[]):
-            plan = build_plan(topo, dataset_info(c.data))  # the dry forward, once for every worker
-        workers = placement(topo)
-        world = len(workers)
+        check_cluster_resources(topo)
+        channel = open_channel()
         resources = dict(c.engine.resources_per_worker) or {"CPU": 1}
         use_gpu = resources.get("GPU", 0) > 0
         out = Path(opts.out_dir).resolve()
-        out.mkdir(parents=True, exist_ok=True)
-        run = RunDir(out)
-        tracker_file = run.tracker
-        notes: list[str] = []
-        history = self._resume(out, notes.append) if opts.resume else []
-        tracker_state = json.loads(tracker_file.read_text()) if opts.resume and tracker_file.is_file() else None
-        reporter = Reporter(topo, opts, history=history, tracker_state=tracker_state)
-        reporter.start(None, 0, history[-1]["epoch"] if history else 0)
-        for note in notes:
-            reporter.notice(note)
-        state = reporter.tracker_state()
-        if state:
-            tracker_file.write_text(json.dumps(state))
-
-        reporter.phase("starting Ray…")
-        started = ensure_ray(max(os.cpu_count() or 1, world + 1),  # a logical CPU per worker, whatever the core count
-                             log_to_driver=opts.verbose, logging_level="INFO" if opts.verbose else "WARNING")
-        check_cluster_resources(topo)
-        channel = open_channel()
         threads = c.train.threads or max(1, (os.cpu_count() or 1) // world)
         config = {"raw": topo.raw, "plan": plan, "out_dir": str(out), "threads": threads, "use_gpu": use_gpu,
                   "record_steps": opts.record_steps, "profile": opts.profile,
@@ -197,11 +182,36 @@ class RayEngine(Engine):
         if result.error is not None:
             reporter.failed(result.error)
             raise _translate(result.error, out) from None
-        reporter.history = run.history()
+        reporter.history = reporter.run.history()
         if reporter.history and reporter.history[-1]["epoch"] < topo.total_epochs:
             reporter.stopped(reporter.history[-1]["epoch"])
             return reporter.summary(finished=False)
         return reporter.finish()
+
+    def _prepare(self) -> tuple[Reporter, dict | None, Any]:
+        """What the driver does while Ray starts: the plan's dry forward (once for every worker), the run
+        directory, the reporter and its MLflow runs. Returns (reporter, tracker state, plan)."""
+        from ..data import dataset_info
+        from ..rundir import RunDir
+        from ..topology.plan import build_plan
+
+        topo, c, opts = self.topology, self.topology.config, self.opt
+        with torch.random.fork_rng(devices=[]):
+            plan = build_plan(topo, dataset_info(c.data))
+        out = Path(opts.out_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        tracker_file = RunDir(out).tracker
+        notes: list[str] = []
+        history = self._resume(out, notes.append) if opts.resume else []
+        tracker_state = json.loads(tracker_file.read_text()) if opts.resume and tracker_file.is_file() else None
+        reporter = Reporter(topo, opts, history=history, tracker_state=tracker_state)
+        reporter.start(None, 0, history[-1]["epoch"] if history else 0)
+        for note in notes:
+            reporter.notice(note)
+        state = reporter.tracker_state()
+        if state:
+            tracker_file.write_text(json.dumps(state))
+        return reporter, state, plan
 
     @staticmethod
     def _resume(out: Path, say) -> list[dict]:

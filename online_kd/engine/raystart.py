@@ -8,7 +8,11 @@ address stays 127.0.0.1, and every server, agent and the dashboard binds to it.
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import sys
+import threading
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_DEFAULT = "0.25"  # Ray's 2 s default lets each ray.train.report block up to 2 s
@@ -63,3 +67,47 @@ def _require_token_auth() -> None:
     from ray._raylet import Config
 
     Config.initialize("")  # Ray's config caches the mode it read when first loaded
+
+
+class RayStarting:
+    """:func:`ensure_ray` in a background thread, so that Ray's processes start while the driver builds the
+    plan (the dry forward) and opens its MLflow runs; :meth:`wait` joins it and returns what it returned."""
+
+    def __init__(self, num_cpus: int, **options):
+        self._started: bool | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, args=(num_cpus,), kwargs=options,
+                                        name="online-kd-ray-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, num_cpus: int, **options) -> None:
+        worker_log = logging.getLogger("ray._private.worker")
+        worker_log.addFilter(_not_main_thread)
+        try:
+            self._started = ensure_ray(num_cpus, **options)
+        except BaseException as err:  # raised again in the caller's thread by wait()
+            self._error = err
+        finally:
+            worker_log.removeFilter(_not_main_thread)
+
+    def wait(self) -> bool:
+        """True if this started or connected Ray (the caller owns ``ray.shutdown()``); raises what the start raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init sets from the main thread
+        return bool(self._started)
+
+    def abandon(self) -> None:
+        """The run stopped before it needed Ray: wait for the start, then shut down what it started."""
+        self._thread.join()
+        if self._started:
+            import ray
+
+            ray.shutdown()
+
+
+def _not_main_thread(record: logging.LogRecord) -> bool:
+    """Drops ray.init's warning that it cannot set a SIGTERM handler outside the main thread (wait() sets it)."""
+    return "SIGTERM handler is not set" not in record.getMessage()
