@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -421,7 +422,32 @@ def _missing_file(args) -> TopologyError | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The CLI. From the command line (``argv`` None) the process ends here, without the interpreter's
+    teardown; called with ``argv`` (tests, scripts) it returns the exit status."""
+    if argv is not None:
+        return _main(list(argv))
+    try:
+        code = _main(sys.argv[1:])
+    except SystemExit as done:  # --help, --version, argparse's usage errors
+        code = done.code
+    _exit_now(code)
+
+
+def _exit_now(code) -> None:
+    """Exit after the atexit handlers (MLflow, Ray, logging) and flushing, skipping the interpreter's
+    teardown of torch, Ray and MLflow modules: seconds of silence after the summary on a loaded machine."""
+    import atexit
+
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     wrong = _unknown_command(parser, argv)
     if wrong:

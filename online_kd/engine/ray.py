@@ -177,6 +177,7 @@ class RayEngine(Engine):
 
             if started:
                 ray.shutdown()  # now, not at exit: the summary is the run's last line
+                ray_up.release()
             else:
                 ray.kill(channel)  # a Tune trial's Ray lives on
         if result.error is not None:

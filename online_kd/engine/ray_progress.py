@@ -91,6 +91,7 @@ class StepPoster:
         self.epoch, self.stage, self.total, self.steps = epoch, stage, steps_per_epoch, 0
         self.sums, self.counts = {}, {}
         self._posted = 0.0
+        self._t0 = time.monotonic()
 
     def step_done(self, terms: dict[str, dict[str, Any]]) -> None:
         self.steps += 1
@@ -104,8 +105,8 @@ class StepPoster:
         if self.steps == 1 or now - self._posted >= POST_EVERY_S:
             self._posted = now
             sums = {p: float(v) for p, v in self.sums.items()}
-            self.channel.post.remote(("step", self.rank, self.epoch, self.stage, self.steps, self.total, sums,
-                                      dict(self.counts)))
+            self.channel.post.remote(("step", self.rank, self.epoch, self.stage, self.steps, self.total,
+                                      now - self._t0, sums, dict(self.counts)))
 
 
 class Relay:
@@ -117,7 +118,8 @@ class Relay:
         self._up: set[int] = set()
         self._ranks: dict[int, tuple] = {}  # rank -> its latest step message of the current epoch
         self._epoch = -1
-        self._logged = {h["epoch"] for h in reporter.history}
+        self._next = max((h["epoch"] for h in reporter.history), default=0)  # 0-based index of the next epoch line
+        self._held: list[tuple] = []  # steps of the next epoch, shown once the current one's line is
         self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="online-kd-relay", daemon=True)
@@ -151,9 +153,12 @@ class Relay:
         if len(self._up) == self.workers:
             self.reporter.phase(f"{self.workers} workers up in {time.monotonic() - self._t0:.0f} s")
 
-    def _on_step(self, rank, epoch, stage, steps, total, sums, counts) -> None:
-        if epoch + 1 in self._logged or epoch < self._epoch:
-            return  # a late post of an epoch already shown
+    def _on_step(self, rank, epoch, stage, steps, total, elapsed, sums, counts) -> None:
+        if epoch < self._next:
+            return  # a late post of an epoch whose line is shown
+        if epoch > self._next:  # the controller has not sent the line of the epoch before
+            self._held.append((rank, epoch, stage, steps, total, elapsed, sums, counts))
+            return
         if epoch != self._epoch:
             self._epoch, self._ranks = epoch, {}
             self.reporter.steps_per_epoch = total
@@ -165,11 +170,14 @@ class Relay:
         for _, s, c in self._ranks.values():
             loss.sums.update(s)
             loss.counts.update(c)
-        self.reporter.steps_done(max(s for s, _, _ in self._ranks.values()), loss)
+        self.reporter.steps_done(max(s for s, _, _ in self._ranks.values()), loss, elapsed)
 
     def _on_epoch(self, record: dict) -> None:
-        self._logged.add(record["epoch"])
+        self._next = max(self._next, record["epoch"])
         self.reporter.epoch_line(record)
+        held, self._held = self._held, []
+        for m in held:
+            self._on_step(*m)
 
     def _on_log(self, where: str, level: str, text: str) -> None:
         self.reporter.phase(f"{where}: {level}: {text}")

@@ -71,13 +71,19 @@ def _require_token_auth() -> None:
 
 class RayStarting:
     """:func:`ensure_ray` in a background thread, so that Ray's processes start while the driver builds the
-    plan (the dry forward) and opens its MLflow runs; :meth:`wait` joins it and returns what it returned."""
+    plan (the dry forward) and opens its MLflow runs; :meth:`wait` returns what it returned.
+
+    The thread lives on until :meth:`release` (after ``ray.shutdown()``) or the process exits: Ray binds
+    the processes it starts to the thread that started them (``PR_SET_PDEATHSIG``), so they would be
+    killed when a short-lived thread ended.
+    """
 
     def __init__(self, num_cpus: int, **options):
         self._started: bool | None = None
         self._error: BaseException | None = None
+        self._ready, self._released = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._start, args=(num_cpus,), kwargs=options,
-                                        name="online-kd-ray-start", daemon=True)
+                                        name="online-kd-ray", daemon=True)
         self._thread.start()
 
     def _start(self, num_cpus: int, **options) -> None:
@@ -89,23 +95,31 @@ class RayStarting:
             self._error = err
         finally:
             worker_log.removeFilter(_not_main_thread)
+            self._ready.set()
+        if self._started:
+            self._released.wait()
 
     def wait(self) -> bool:
         """True if this started or connected Ray (the caller owns ``ray.shutdown()``); raises what the start raised."""
-        self._thread.join()
+        self._ready.wait()
         if self._error is not None:
             raise self._error
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init sets from the main thread
         return bool(self._started)
 
+    def release(self) -> None:
+        """Ray is shut down (or lives on without this process's thread): let the thread end."""
+        self._released.set()
+
     def abandon(self) -> None:
         """The run stopped before it needed Ray: wait for the start, then shut down what it started."""
-        self._thread.join()
+        self._ready.wait()
         if self._started:
             import ray
 
             ray.shutdown()
+        self.release()
 
 
 def _not_main_thread(record: logging.LogRecord) -> bool:

@@ -246,13 +246,15 @@ class Reporter:
             self._loss.add(losses)
         self.steps_done(self._steps + 1)
 
-    def steps_done(self, steps: int, loss: RunningLoss | None = None) -> None:
-        """``steps`` steps of the epoch are done, with these running losses: progress counted elsewhere
-        (the ray engine's workers) shown like :meth:`step_done`'s."""
+    def steps_done(self, steps: int, loss: RunningLoss | None = None, elapsed: float | None = None) -> None:
+        """``steps`` steps of the epoch are done in ``elapsed`` seconds, with these running losses: progress
+        counted elsewhere (the ray engine's workers) shown like :meth:`step_done`'s."""
         advance, self._steps = steps - self._steps, steps
         if loss is not None:
             self._loss = loss
         now = time.monotonic()
+        if elapsed is not None:
+            self._epoch_t0 = now - elapsed
         if self.progress is not None and self._task is not None:
             self.progress.advance(self._task, advance)
             if now - self._shown >= BAR_REFRESH_S or self._steps == self.steps_per_epoch:
