@@ -23,10 +23,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    ensure_ray(5, log_to_driver=False)
-    yield
-    ray.shutdown()
+def node_id():
+    """The one node of the local instance the engine runs on (started here once for the module)."""
+    started = ensure_ray(4, log_to_driver=False)
+    yield ray.get_runtime_context().get_node_id()
+    if started:
+        ray.shutdown()
 
 
 def dropout_dml(**overrides):
@@ -73,7 +75,7 @@ def test_stopped_and_resumed_on_shared_storage_is_bit_exact_with_dropout(tmp_pat
     assert len(lines) == 3 * 3 * 2 and sorted(map(json.dumps, lines)) == sorted(map(json.dumps, whole_lines))
 
 
-def test_worker_without_its_data_fails_in_one_line_naming_its_node(tmp_path, capsys):
+def test_worker_without_its_data_fails_in_one_line_naming_its_node(tmp_path, capsys, node_id):
     missing = tmp_path / "nowhere"
     code = main(["run", str(DML), "--engine", "ray", "--out", str(tmp_path / "run"), "--no-tracking", "--quiet",
                  "--set", "data.dataset=cifar10", "--set", f"data.root=${{OKD_TEST_NO_DATA:-{missing}}}",
@@ -81,5 +83,4 @@ def test_worker_without_its_data_fails_in_one_line_naming_its_node(tmp_path, cap
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    node = ray.get_runtime_context().get_node_id()
-    assert "data.root" in lines[0] and str(missing) in lines[0] and f"Ray node {node}" in lines[0], lines[0]
+    assert "data.root" in lines[0] and str(missing) in lines[0] and f"Ray node {node_id}" in lines[0], lines[0]
