@@ -72,6 +72,22 @@ def kill_all(pids: list[int], sig: int = signal.SIGKILL) -> None:
             os.kill(pid, sig)
 
 
+def private_mount_namespace() -> list[str]:
+    """The ``unshare`` prefix that runs a command in a mount namespace of its own, where it may mount a
+    tmpfs: plain ``--mount`` as root, else inside a user namespace that maps this user to root."""
+    return ["unshare", "--mount", "--propagation", "private", *([] if os.geteuid() == 0 else ["--map-root-user"])]
+
+
+def can_unshare() -> bool:
+    """Whether :func:`private_mount_namespace` works here (unshare present, namespaces allowed)."""
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        probe = subprocess.run([*private_mount_namespace(), "mount", "-t", "tmpfs", "okd-probe", d],
+                               capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -199,7 +215,7 @@ class Cluster:
 
     def start_node_b(self) -> None:
         """Node b in its own mount namespace, with an empty tmpfs over ``private``; waits until it is ALIVE."""
-        wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+        wrap = [*private_mount_namespace(), "sh", "-c",
                 'mount -t tmpfs -o size=64m okd-node-b "$0" && touch "$0/' + NODE_B_SENTINEL + '" && exec "$@"',
                 str(self.private)]
         before = {n["node_id"] for n in self.alive_nodes()}  # a lost node b may still be listed ALIVE a while

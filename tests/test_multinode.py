@@ -24,7 +24,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cluster import NODE_B_SENTINEL, two_node_cluster
+from cluster import NODE_B_SENTINEL, can_unshare, two_node_cluster
 from online_kd.engine import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +40,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare (a private mount namespace for the second node)")
+    if shutil.which("ray") is None or not can_unshare():
+        pytest.skip("needs the ray CLI and unshare with mount namespaces (a private tmpfs for the second node)")
     with two_node_cluster() as c:
         yield c
 
