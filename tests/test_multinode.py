@@ -94,10 +94,11 @@ def assert_nothing_on_node_b(cluster) -> None:
 
 
 class TrainWorkerWatch:
-    """Samples, while a run goes on, which test node each Ray Train worker process belongs to."""
+    """Samples, while a run goes on, which test node each Ray Train worker process belongs to: ``seen`` and
+    ``most`` (most at once) by node name, ``by_marker`` by node process (a restarted node is another one)."""
 
     def __init__(self, cluster):
-        self.cluster, self.seen, self.most = cluster, {}, {}
+        self.cluster, self.seen, self.most, self.by_marker = cluster, {}, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -114,6 +115,7 @@ class TrainWorkerWatch:
             for name, node in list(self.cluster.nodes.items()):
                 pids = [p for p in node.pids() if _title(p).startswith(TRAIN_WORKER)]
                 self.seen.setdefault(name, set()).update(pids)
+                self.by_marker.setdefault(node.marker, set()).update(pids)
                 self.most[name] = max(self.most.get(name, 0), len(pids))
             time.sleep(0.2)
 
@@ -184,26 +186,30 @@ def test_node_lost_mid_run_resumes_from_last_checkpoint(cluster, local_runs):
     uri = f"sqlite:///{cluster.private / 'loss.db'}"
     args = [*cluster_args(cluster, "loss", LOSS_EPOCHS, "engine.max_failures=2"), "--engine", "ray",
             "--out", str(out), "--tracking-uri", uri]
+    lost = cluster.nodes["b"].marker
     proc = subprocess.Popen([sys.executable, "-m", "online_kd.cli", "run", *args], cwd=ROOT, env=cluster.client_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        metrics = out / "metrics.jsonl"
-        deadline = time.time() + 150
-        while not ((out / "checkpoints" / "latest").is_file() and metrics.is_file() and metrics.read_text().strip()):
-            assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended or timed out"
-            time.sleep(0.05)
-        killed = cluster.kill_node_b_raylet()
-        epochs_before = len(metrics.read_text().splitlines())
-        cluster.start_node_b()
-        stdout, stderr = proc.communicate(timeout=240)
+        with TrainWorkerWatch(cluster) as watch:
+            metrics = out / "metrics.jsonl"
+            deadline = time.time() + 150
+            while not ((out / "checkpoints" / "latest").is_file() and metrics.is_file() and metrics.read_text().strip()):
+                assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended or timed out"
+                time.sleep(0.05)
+            cluster.kill_node_b_raylet()
+            epochs_before = len(metrics.read_text().splitlines())
+            cluster.start_node_b()
+            stdout, stderr = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    print(f"node b lost after {epochs_before} of {LOSS_EPOCHS} epochs")
     assert epochs_before < LOSS_EPOCHS, "the node was lost after the run's last epoch"
+    # a train worker ran on node b, then one on the node that replaced it
+    assert watch.by_marker.get(lost) and watch.by_marker.get(cluster.nodes["b"].marker), watch.by_marker
     summary = summary_of(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
     assert summary["finished"] and summary["epochs"] == LOSS_EPOCHS, summary
-    assert killed not in cluster.nodes["b"].pids()
     assert_same_weights(out, local_runs(LOSS_EPOCHS))
     assert_nothing_on_node_b(cluster)
 
