@@ -150,6 +150,8 @@ def test_one_peer_per_node_matches_local(cluster, local_runs):
                                         "--no-tracking"], env))
     assert summary["finished"] and summary["epochs"] == EPOCHS
     assert watch.most == {"a": 1, "b": 1}, (watch.most, watch.seen)  # one worker on each node
+    ranks = [int((out / "pids" / f"rank{r}.pid").read_text()) for r in range(2)]  # written on the driver's node
+    assert sorted(n for pid in ranks for n, pids in watch.seen.items() if pid in pids) == ["a", "b"], (ranks, watch.seen)
     assert_same_weights(out, local_runs(EPOCHS))
     assert_nothing_on_node_b(cluster)
     assert list(cluster.storage.glob(f"spread/**/{ckpt.peer_file('b')}")), "no checkpoint on the shared storage"
