@@ -182,3 +182,29 @@ def test_several_nodes_need_a_storage():
     assert err.value.place == "engine.storage" and "every node" in err.value.message
     ray_storage.check_shared(None, 1)
     ray_storage.check_shared("/mnt/nfs/okd", 2)
+
+
+def test_restore_point_on_a_uri_storage_reads_the_snapshot_through_pyarrow(tmp_path):
+    """An object-store storage (here a file:// URI, which pyarrow serves like s3://): the latest checkpoint's
+    engine.pt, read without a local path; the pointer in the run directory names it by URI."""
+    import torch
+
+    from online_kd.engine import ray_checkpoint
+
+    run = tmp_path / "run"
+    where = ray_storage.RayStorage(f"file://{tmp_path / 'bucket' / 'run-0a1b2c3d'}")
+    where.save(run)
+    root = tmp_path / "bucket" / "run-0a1b2c3d" / "ray"
+    assert ray_checkpoint.restore_point(run) == (None, None)  # nothing reported yet
+    for epoch in (1, 2):
+        (root / f"checkpoint_{epoch}").mkdir(parents=True)
+        torch.save({"epoch": epoch, "history": [{"epoch": e} for e in range(1, epoch + 1)]},
+                   root / f"checkpoint_{epoch}" / "engine.pt")
+    results = [{"checkpoint_dir_name": f"checkpoint_{e}"} for e in (1, 2)]
+    (root / ray_checkpoint.SNAPSHOT).write_text(json.dumps({"checkpoint_results": results,
+                                                           "latest_checkpoint_result": results[-1]}))
+    directory, state = ray_checkpoint.restore_point(run)
+    assert directory == f"{where.base}/ray/checkpoint_2" and state["epoch"] == 2
+    assert ray_checkpoint.kept_words(run).endswith(f"{where.base}/ray/checkpoint_2, after epoch 2")
+    ckpt.atomic_write_text(directory, run / "checkpoints" / "latest")
+    assert ckpt.latest_checkpoint(run / "checkpoints") is None  # an object store has no local directory

@@ -43,6 +43,7 @@ def test_rayjob_manifest():
     spec = job["spec"]
     assert "online-kd run" in spec["entrypoint"]
     assert "topologies/cifar100/dml.yaml" in spec["entrypoint"] and "--engine ray" in spec["entrypoint"]
+    assert "engine.storage=/mnt/shared/" in spec["entrypoint"]  # checkpoints where every pod reaches them
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith(("sqlite:////", "http"))
