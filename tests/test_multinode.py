@@ -48,7 +48,8 @@ def cluster():
 
 def quick_args(epochs: int, *more: str) -> list[str]:
     """`online-kd run` arguments of the quick DML at one thread per worker, a few steps per epoch."""
-    sets = {"train.threads": 1, "train.max_steps_per_epoch": STEPS, "train.epochs": epochs, **dict(m.split("=", 1) for m in more)}
+    sets = {"train.threads": 1, "train.max_steps_per_epoch": STEPS, "train.epochs": epochs,
+            **dict(m.split("=", 1) for m in more)}
     return [QUICK, *(a for k, v in sets.items() for a in ("--set", f"{k}={v}")), "--json"]
 
 
