@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TopologyError
-from .checkpoint import atomic_write_text
+from ..rundir import atomic_write_text
 
 RECORD = "ray_storage.json"
 NAME = "ray"  # RunConfig(name=...): Ray Train keeps the run under <storage_path>/<NAME>
