@@ -137,3 +137,39 @@ def test_no_module_imports_a_layer_above_its_own():
             if mine is not None and theirs is not None and theirs > mine:
                 upward.append(f"{'/'.join(rel)} -> {'.'.join(target)}")
     assert upward == []
+
+
+def test_no_import_cycle_between_modules():
+    """No two modules import each other, directly or through others (lazy imports inside functions count)."""
+    import online_kd
+
+    root = Path(online_kd.__file__).parent
+
+    def file_of(parts):
+        while parts:
+            for cand in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
+                if cand.is_file():
+                    return cand
+            parts = parts[:-1]
+        return None
+
+    graph = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).parts
+        targets = {file_of(list(t)) for t in _imports(path, rel[:-1])}
+        graph[path] = {t for t in targets if t is not None and t != path}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(str(p.relative_to(root)) for p in stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
