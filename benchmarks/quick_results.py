@@ -80,14 +80,14 @@ METHODS = {
                         "network: RepDistiller's CIFAR ShuffleNetV2 (Tf-KD uses its own implementation)"),
     "cskd": ("Regularizing Class-wise Predictions via Self-KD (Yun et al., CVPR 2020)", "cifar100/cskd.yaml",
              "ResNet-18: ≈78.0 (22.0 % error, paper, best epoch; unverified)",
-             "network: the YAML's model must be the paper's PreAct ResNet-18; normalisation: CIFAR-100 "
-             "statistics (the official code uses CIFAR-10's)"),
+             "normalisation: CIFAR-100 statistics (the official code uses CIFAR-10's); network: the paper's "
+             "PreAct ResNet-18 (`preact_resnet18`, 11.2M parameters) as officially"),
     "kd_init": ("On the Demystification of KD: A Residual Network Perspective (Jha et al., 2020)",
                 "cifar100/kd_init.yaml", "— (no public code)", "no public code: settings from the paper"),
     "bss": ("KD with Adversarial Samples Supporting Decision Boundary (Heo et al., AAAI 2019)", "cifar10/bss.yaml",
             "CIFAR-10 only (official code); figures not verified",
-            "networks: ResNet-8/26 need the official zero-padding shortcuts; CIFAR-10 normalisation statistics; "
-            "the optimizer is not recreated at the lr drops (momentum kept)"),
+            "CIFAR-10 normalisation statistics (networks: ResNet-8/26 with the official zero-padding shortcuts, "
+            "`resnet{8,26}_zeropad`); the optimizer is not recreated at the lr drops (momentum kept)"),
     "deepinversion": ("Dreaming to Distill: Data-free KD via DeepInversion (Yin et al., CVPR 2020)",
                       "cifar10/deepinversion.yaml", "— (official code releases synthesis only, CIFAR-10)",
                       "pair resnet56→resnet20 (the paper's ResNet-34→18 is not in the zoo); the KD recipe is ours "
@@ -97,8 +97,8 @@ METHODS = {
     "active_mixup": ("Neural Networks Are More Productive Teachers Than Human Raters: Active Mixup (Wang et al., "
                      "CVPR 2020)", "cifar10/active_mixup.yaml",
                      "— (CIFAR-10 only; figures not verified; the official code reports the best epoch)",
-                     "network: the official VGG-16 has 5 max-pools; inputs normalised, mixes kept in float, "
-                     "momentum kept at the lr drops"),
+                     "inputs normalised (network: the official VGG-16 with 5 max-pools, `vgg16_5pool`), mixes kept "
+                     "in float, momentum kept at the lr drops"),
     "infoflow": ("Heterogeneous KD via Information Flow Modeling (Passalis et al., CVPR 2020)",
                  "cifar100/infoflow.yaml", "— (official results are CIFAR-10 retrieval mAP)", "none known"),
 }

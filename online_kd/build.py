@@ -3,16 +3,14 @@ plan's dry run, producing stages and the engines)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .losses import COMBINERS, LOSSES, VIRTUAL_TEACHERS
 
-if TYPE_CHECKING:  # the topology layer calls these; they only read its entries
-    from .topology.graph import Edge
-    from .topology.schema import EnsembleConfig, OptimizerConfig, PeerConfig, ScheduleConfig, VirtualConfig
+# The topology layer calls these with its own entries (topology.graph.Edge, topology.schema.PeerConfig, …);
+# they only read them, so this module imports nothing of the topology and stays below it.
 
 
 def build_model_for(peer: PeerConfig, info) -> nn.Module:

@@ -81,10 +81,11 @@ def cmd_plan(args) -> int:
                   ", ".join(f"{k}={v}" for k, v in e.params.items()), e.origin)
     con.print(t)
     t = Table(title="placement (ray engine: one worker per peer replica)")
-    for col in ("worker", "peers", "replica"):
+    for col in ("worker", "peers", "replica", "strategy", "node labels"):
         t.add_column(col)
     for w in placement(topo):
-        t.add_row(str(w["worker"]), ", ".join(w["peers"]), str(w["replica"]))
+        t.add_row(str(w["worker"]), ", ".join(w["peers"]), str(w["replica"]), w["strategy"],
+                  ", ".join(f"{k}={v}" for k, v in w["node_labels"].items()) or "any node")
     con.print(t)
     for i, s in enumerate(topo.stages):
         t = Table(title=f"stage '{s.name}': trains {', '.join(s.train)} for {s.epochs} epochs")
@@ -125,10 +126,15 @@ def wire_bytes(topo, plan, stage: str) -> int:
 
 
 def placement(topo) -> list[dict]:
-    """Workers of the ray engine: colocated groups share one, others get one per replica."""
-    from .engine.exchange import placement as workers
+    """Workers of the ray engine: colocated groups share one, others get one per replica; each with its
+    placement group strategy and the Ray node labels it must run on."""
+    from .engine.exchange import label_selectors, placement as workers
 
-    return [{"worker": w.rank, "peers": list(w.peers), "replica": w.replica} for w in workers(topo)]
+    found = workers(topo)
+    selectors = label_selectors(topo) or [{} for _ in found]
+    strategy = topo.config.engine.placement.upper()
+    return [{"worker": w.rank, "peers": list(w.peers), "replica": w.replica, "strategy": strategy,
+             "node_labels": sel} for w, sel in zip(found, selectors)]
 
 
 def _default_out(topo, resume: bool) -> Path:

@@ -29,11 +29,20 @@ ENGINES: dict[str, type] = {}
 register_engine = registrar(ENGINES, "engine")
 
 
-def engines() -> dict[str, type]:
-    """Every engine by its ``engine.name``; the built-in ones (online_kd.engine) register on first use,
-    so validation can ask an engine what it runs without the topology layer importing the engines."""
-    if not ENGINES:
-        import importlib
+#: the entry-point group that names the engines (pyproject.toml: ``[project.entry-points."online_kd.engines"]``)
+ENGINE_GROUP = "online_kd.engines"
+_loaded: list[bool] = []
 
-        importlib.import_module("online_kd.engine")
+
+def engines() -> dict[str, type]:
+    """Every engine by its ``engine.name``. Engines are plugins: each is declared as an entry point of
+    :data:`ENGINE_GROUP` and loaded on first use, so validation can ask an engine what it runs while
+    nothing below the engines imports them (an engine of another package registers the same way)."""
+    if not _loaded:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=ENGINE_GROUP):
+            if ep.name not in ENGINES:
+                ENGINES[ep.name] = ep.load()  # importing it registers it (register_engine) as well
+        _loaded.append(True)
     return ENGINES

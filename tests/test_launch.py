@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from cluster import free_ports, kill_all, marked_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -42,6 +43,7 @@ def test_rayjob_manifest():
     spec = job["spec"]
     assert "online-kd run" in spec["entrypoint"]
     assert "topologies/cifar100/dml.yaml" in spec["entrypoint"] and "--engine ray" in spec["entrypoint"]
+    assert "engine.storage=/mnt/shared/" in spec["entrypoint"]  # checkpoints where every pod reaches them
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith(("sqlite:////", "http"))
@@ -132,41 +134,6 @@ def test_submit_goes_on_with_a_token_or_when_told_insecure(tmp_path):
 
 
 # ------------------------------------------------------------------ a real local cluster
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _marked_pids(marker: str) -> list[int]:
-    """Processes whose environment holds MARKER=marker (this head and everything it started)."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle in (d / "environ").read_bytes().split(b"\0"):
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
-def _kill(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-
-
 def _ray_env(base: dict) -> dict:
     env = {k: v for k, v in base.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"))}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -183,7 +150,7 @@ def ray_head():
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    (gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, nm, om) = _free_ports(9)
+    (gcs, dash, client, agent_http, agent_grpc, metrics, rt_agent, nm, om) = free_ports(9)
     env = _ray_env(os.environ)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), **{MARKER: tmp.name})
     cmd = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -223,10 +190,10 @@ def ray_head():
         except subprocess.TimeoutExpired:
             pass
         for _ in range(3):
-            pids = _marked_pids(tmp.name)
+            pids = marked_pids(MARKER, tmp.name)
             if not pids:
                 break
-            _kill(pids, signal.SIGKILL)
+            kill_all(pids, signal.SIGKILL)
             time.sleep(0.5)
         if head.poll() is None:
             head.kill()

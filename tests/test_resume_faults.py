@@ -208,3 +208,18 @@ def test_ray_controller_killed_after_ray_committed_an_epoch_resumes_as_if_uninte
     notes = [ln for ln in resumed.stderr.splitlines() if "is damaged" in ln]
     assert len(notes) == 1 and "newest intact checkpoint" in notes[0], resumed.stderr
     assert_same(ray_reference, outcome(out, uri))
+
+
+@pytest.mark.slow
+def test_ray_controller_killed_between_the_metrics_line_and_mlflow_resumes_as_if_uninterrupted(tmp_path,
+                                                                                              ray_reference):
+    """The controller wrote epoch 2's line to metrics.jsonl and dies before MLflow has it: the resume
+    rewrites metrics.jsonl from the checkpoint and MLflow gets epoch 2 exactly once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    killed = cli(out, "ray", uri, fault="metrics-line:2")
+    assert killed.returncode != 0 and not (out / "summary.json").is_file()
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    resumed = cli(out, "ray", uri, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(ray_reference, outcome(out, uri))

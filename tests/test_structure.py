@@ -76,3 +76,100 @@ def test_the_loop_calls_its_step_hook_once_per_step(tmp_path):
     assert loop.run() is True
     assert [s for s, _ in steps] == list(range(1, 2 * topo.total_epochs + 1))
     assert len(RunDir(tmp_path).history()) == topo.total_epochs
+
+
+# The layers, lowest first: a module may import its own layer and the layers below, never one above.
+LAYERS = [
+    ["errors.py", "finite.py", "registry.py", "rundir.py", "tracking.py", "plot.py", "models"],
+    ["data", "compare.py"],
+    ["losses"],
+    ["build.py"],
+    ["stages"],
+    ["topology"],
+    ["engine"],
+    ["tune"],
+    ["cli.py"],
+]
+
+
+def _layer_of(parts: tuple[str, ...]) -> int | None:
+    for i, layer in enumerate(LAYERS):
+        if parts[0] in layer or f"{parts[0]}.py" in layer:
+            return i
+    return None
+
+
+def _imports(path, package_parts):
+    """online_kd modules that ``path`` imports (absolute or relative), as path parts under online_kd/."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package_parts[: len(package_parts) - node.level + 1]
+                mod = [*base, *(node.module.split(".") if node.module else [])]
+            elif node.module and node.module.startswith("online_kd."):
+                mod = node.module.split(".")[1:]
+            else:
+                continue
+            names = [a.name for a in node.names]
+            yield from ([*mod, n] for n in names) if not node.module else [mod]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("online_kd."):
+                    yield a.name.split(".")[1:]
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    """Engines are entry points (online_kd.registry.engines), so nothing below them imports them, and the
+    topology, losses, stages and factories stay below the engines (lazy imports inside functions count too)."""
+    import online_kd
+
+    root = Path(online_kd.__file__).parent
+    upward = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).parts
+        mine = _layer_of(rel)
+        for target in _imports(path, rel[:-1]):
+            if not target:
+                continue
+            theirs = _layer_of(tuple(target))
+            if mine is not None and theirs is not None and theirs > mine:
+                upward.append(f"{'/'.join(rel)} -> {'.'.join(target)}")
+    assert upward == []
+
+
+def test_no_import_cycle_between_modules():
+    """No two modules import each other, directly or through others (lazy imports inside functions count)."""
+    import online_kd
+
+    root = Path(online_kd.__file__).parent
+
+    def file_of(parts):
+        while parts:
+            for cand in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
+                if cand.is_file():
+                    return cand
+            parts = parts[:-1]
+        return None
+
+    graph = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).parts
+        targets = {file_of(list(t)) for t in _imports(path, rel[:-1])}
+        graph[path] = {t for t in targets if t is not None and t != path}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(str(p.relative_to(root)) for p in stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []

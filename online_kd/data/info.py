@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +57,24 @@ def holdout_count(n: int, fraction: float) -> int:
     return math.ceil(fraction * n) if fraction > 0 else 0
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)(:?)-([^}]*)\}|\$\{(\w+)\}|\$(\w+)")
+
+
 def expand_root(root: str | os.PathLike) -> Path:
-    """``data.root`` with ``~`` and environment variables expanded."""
-    return Path(os.path.expandvars(os.path.expanduser(str(root))))
+    """``data.root`` with environment variables and ``~`` expanded, where the data is loaded (on a cluster:
+    on each worker's node, so each node may keep its data elsewhere). ``${VAR:-default}`` takes the default
+    when VAR is unset or empty, ``${VAR-default}`` when it is unset (as a shell does); a variable without
+    a default must be set."""
+    def value(m: re.Match) -> str:
+        name = m[1] or m[4] or m[5]
+        got = os.environ.get(name)
+        if m[1] is not None and (got is None or (m[2] and not got)):
+            return m[3]
+        if got is None:
+            raise DataError("data.root", f"{str(root)!r} names the environment variable {name}, which is not set "
+                                         f"(set it, or give a default: ${{{name}:-/path/to/data}})")
+        return got
+    return Path(os.path.expanduser(_VARIABLE.sub(value, str(root))))
 
 
 def imagefolder_dirs(root: Path) -> tuple[Path, Path]:

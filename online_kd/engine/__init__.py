@@ -1,10 +1,9 @@
 """Engines run a topology: ``local`` (one process) and ``ray`` (a Ray Train worker per peer)."""
 from __future__ import annotations
 
-from ..registry import ENGINES
-from . import local, ray  # noqa: F401 - register the built-in engines
+from ..registry import engines
 
 
 def get_engine(name: str) -> type:
-    """The engine class for ``engine.name``."""
-    return ENGINES[name]
+    """The engine class for ``engine.name`` (the engines are entry points: see online_kd.registry.engines)."""
+    return engines()[name]

@@ -143,15 +143,24 @@ def write_checkpoint(root: str | os.PathLike, epoch: int, files: Mapping[str, An
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """The directory ``latest`` points at, or None when no checkpoint was completed.
 
-    The pointer must name a directory inside the run directory (``root``'s parent); anything
-    else is refused with a one-line error rather than followed."""
+    The pointer must name a directory inside the run directory (``root``'s parent) or inside the
+    Ray Train storage the run directory records (``engine.storage``: a path every node sees); anything
+    else is refused with a one-line error rather than followed. A pointer to an object store (a URI)
+    gives None: there is no local directory to read."""
+    from .ray_storage import recorded_storage
+
     root = Path(root)
     pointer = root / "latest"
     if not pointer.is_file():
         return None
     text = pointer.read_text().strip()
+    run = root.resolve().parent
+    shared = recorded_storage(run)
+    if shared is not None and shared.is_uri and text.startswith(shared.base):
+        return None
     path = (root / text).resolve()
-    if not text or not path.is_relative_to(root.resolve().parent):
+    allowed = [run] + ([Path(shared.base).resolve()] if shared is not None and not shared.is_uri else [])
+    if not text or not any(path.is_relative_to(a) for a in allowed):
         raise TopologyError(str(pointer), f"points outside the run directory ('{text[:200]}'); "
                                           "refusing to follow it (delete it to resume from the epoch directories)")
     return path if path.is_dir() else None

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import TopologyError
 from ..topology.graph import Stage, Topology
 from ..topology.plan import ExchangePlan
 
@@ -35,6 +36,58 @@ def placement(topology: Topology) -> list[Worker]:
     replicas = max(p.replicas for p in c.peers.values())
     return [Worker(rank=i * replicas + r, peers=g, replica=r)
             for i, g in enumerate(groups) for r in range(replicas)]
+
+
+def label_selectors(topology: Topology) -> list[dict[str, str]] | None:
+    """Each worker's Ray node label selector (``peers.X.node_labels``), in placement's rank order, or None
+    when no peer asks for labels. The peers of a colocated group share a worker, so they must agree."""
+    c = topology.config
+    if not any(p.node_labels for p in c.peers.values()):
+        return None
+    for i, group in enumerate(c.engine.colocate):
+        for p in group[1:]:
+            if c.peers[p].node_labels != c.peers[group[0]].node_labels:
+                raise TopologyError(f"peers.{p}.node_labels",
+                                    f"'{p}' shares a worker with '{group[0]}' (engine.colocate[{i}]), so it needs "
+                                    f"the same node labels ({dict(c.peers[group[0]].node_labels) or 'none'})")
+    return [dict(c.peers[w.peers[0]].node_labels) for w in placement(topology)]
+
+
+def _matches(selector: dict[str, str], labels: dict) -> bool:
+    def has(key, value):
+        got = labels.get(key)
+        return got == value or (isinstance(got, (list, tuple)) and value in got)
+    return all(has(k, v) for k, v in selector.items())
+
+
+def seat_workers(workers: list[Worker], selectors: list[dict[str, str]], node_labels: list[dict]) -> list[Worker]:
+    """Placement with each worker's rank replaced by the Ray Train rank whose node carries its labels.
+
+    Ray places bundle i (placement's worker i) on a node matching selector i, but numbers its workers
+    grouped by node, so rank i may sit on another node: each placement worker takes a rank whose
+    ``node_labels`` (one dict per Ray Train rank) match its selector, rank i itself where it does
+    (a bipartite matching; one exists because Ray placed every bundle on a matching node).
+    """
+    n = len(workers)
+    fits = [[r for r in [i, *range(n)] if _matches(selectors[i], node_labels[r])] for i in range(n)]
+    holder: dict[int, int] = {}  # rank -> placement index
+
+    def seat(i: int, tried: set[int]) -> bool:
+        for r in fits[i]:
+            if r in tried:
+                continue
+            tried.add(r)
+            if r not in holder or seat(holder[r], tried):
+                holder[r] = i
+                return True
+        return False
+
+    for i in range(n):
+        if not seat(i, set()):
+            raise TopologyError(f"peers.{workers[i].peers[0]}.node_labels",
+                                f"no Ray Train worker runs on a node labelled {selectors[i]}")
+    rank_of = {i: r for r, i in holder.items()}
+    return [Worker(rank=rank_of[i], peers=w.peers, replica=w.replica) for i, w in enumerate(workers)]
 
 
 def exchange_dtype(precision: str) -> torch.dtype:
@@ -77,7 +130,7 @@ class Exchange:
                  group, device: torch.device, dtype: torch.dtype):
         self.topology, self.plan, self.workers, self.me = topology, plan, workers, me
         self.group, self.device, self.dtype = group, device, dtype
-        self.mates = [w.rank for w in workers if w.replica == me.replica]  # my exchange group, in rank order
+        self.mates = sorted(w.rank for w in workers if w.replica == me.replica)  # my exchange group, in rank order
         self.routes: list[Route] = []
         self.dense = False
         self.bytes_sent = 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import random
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from ..rundir import RunDir
 from ..topology.graph import Topology
 from . import checkpoint as ckpt
 from .base import Engine, Resources
-from .loop import EpochLoop, EpochRecord
+from .loop import EpochLoop, EpochRecord, random_state
 from .options import RunOptions, check_inits
 from .report import Reporter
 from .runtime import resolve_device
@@ -48,7 +47,7 @@ class LocalLoop(EpochLoop):
         self.reporter.epoch_done(record.epoch, record.stage, record.train, record.evals, record.seconds)
 
     def engine_state(self) -> dict[str, Any]:
-        return {"rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        return {"rng": random_state(self.device),
                 "history": self.reporter.history, "tracker": self.reporter.tracker_state(),
                 "topology": self.topology.to_yaml()}
 

@@ -74,6 +74,15 @@ class EpochRecord:
     seconds: float
 
 
+def random_state(device: torch.device) -> dict[str, Any]:
+    """This process's random state (torch, python, and the device's when it is a GPU), as checkpoints keep it
+    so that a resumed run draws what the uninterrupted one would (dropout, random losses)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
 class _NoBar:
     def advance(self, n: int = 1) -> None:
         pass
@@ -123,6 +132,15 @@ class EpochLoop:
         """The checkpoint directory to resume from, or None to start afresh."""
         yield None
 
+    def open_step_log(self):
+        """Where each step's per-peer losses go (an object with ``write``/``flush``): ``<out>/steps/<name>.jsonl``."""
+        (self.out_dir / "steps").mkdir(parents=True, exist_ok=True)
+        return open(self.out_dir / "steps" / f"{self.step_log}.jsonl", "a")
+
+    def saved_rng(self, directory: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The random state a checkpoint holds for this worker (``torch``, ``python``), or None."""
+        return state.get("rng")
+
     def log(self, message: str) -> None:
         print(message, file=sys.stderr)
 
@@ -150,8 +168,7 @@ class EpochLoop:
         test = BatchStream(data.test, eval_bs, c.train.seed, shuffle=False, loader=data.loader.on(self.device))
         holdout = BatchStream(data.holdout, eval_bs, c.train.seed, shuffle=False) if data.holdout is not None else None
         if self.step_log:
-            (self.out_dir / "steps").mkdir(parents=True, exist_ok=True)
-            rt.step_log = open(self.out_dir / "steps" / f"{self.step_log}.jsonl", "a")
+            rt.step_log = self.open_step_log()
 
         state = self._resume()
         start_epoch = self.next_epoch = state["epoch"] if state else 0
@@ -266,12 +283,15 @@ class EpochLoop:
                              for r in range(self.collective.replicas)]
                     peer.ds.optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
             state = ckpt.load(d / ckpt.ENGINE_FILE)
+            rng = self.saved_rng(d, state)
         for name, sd in state["combiners"].items():
             rt.combiners[name].load_state_dict(sd)
         rt.global_step = state["global_step"]
-        if "rng" in state:
-            torch.set_rng_state(state["rng"]["torch"])
-            random.setstate(state["rng"]["python"])
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         return state
 
     # ------------------------------------------------------------------ produced data sets

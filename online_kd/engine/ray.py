@@ -18,10 +18,11 @@ import torch
 from ..errors import DivergenceError, TopologyError
 from ..registry import register_engine
 from ..topology.graph import Topology
-from . import ray_checkpoint
+from . import ray_checkpoint, ray_storage
 from .base import Engine, Resources
-from .exchange import placement
+from .exchange import label_selectors, placement
 from .options import check_inits
+from .ray_storage import alive_nodes, check_shared, recorded_storage
 from .raystart import RayStarting
 from .report import Reporter
 
@@ -36,6 +37,14 @@ def ray_workers(topology: Topology) -> tuple[int, int, int]:
     groups = len(c.engine.colocate) + sum(1 for p in c.peers if p not in grouped)
     replicas = max(p.replicas for p in c.peers.values())
     return groups * replicas, groups, replicas
+
+
+def scaling_placement(topology: Topology) -> dict[str, Any]:
+    """``ScalingConfig``'s placement arguments: the placement group strategy (``engine.placement``) and,
+    when peers ask for node labels, one label selector per worker in placement's order."""
+    selectors = label_selectors(topology)
+    return {"placement_strategy": topology.config.engine.placement.upper(),
+            **({"label_selector": selectors} if selectors is not None else {})}
 
 
 def _replicas_place(topology: Topology) -> str:
@@ -92,6 +101,7 @@ class RayEngine(Engine):
         if world > MAX_WORKERS:
             raise TopologyError(_replicas_place(topology), f"the ray engine would start {world:,} workers ({groups} "
                                                            f"peer group(s) × {replicas} replicas); at most {MAX_WORKERS:,}")
+        label_selectors(topology)  # a colocated group's peers agree on their node labels
 
     @classmethod
     def resources(cls, topology: Topology) -> Resources:
@@ -148,6 +158,9 @@ class RayEngine(Engine):
         resources = dict(c.engine.resources_per_worker) or {"CPU": 1}
         use_gpu = resources.get("GPU", 0) > 0
         out = Path(opts.out_dir).resolve()
+        recorded = recorded_storage(out)  # a resumed run keeps the storage it started with
+        check_shared(c.engine.storage or (recorded.base if recorded else None), alive_nodes())
+        where = ray_storage.for_run(out, c.engine.storage, c.engine.storage_endpoint)
         threads = c.train.threads or max(1, (os.cpu_count() or 1) // world)
         config = {"raw": topo.raw, "plan": plan, "out_dir": str(out), "threads": threads, "use_gpu": use_gpu,
                   "record_steps": opts.record_steps, "profile": opts.profile,
@@ -156,9 +169,10 @@ class RayEngine(Engine):
             train_worker,
             train_loop_config=config,
             torch_config=BoundStoreTorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker=resources,
+                                         **scaling_placement(topo)),
             run_config=RunConfig(
-                name="ray", storage_path=str(out / "ray"),
+                name=ray_storage.NAME, **where.run_config_args(),
                 failure_config=FailureConfig(max_failures=c.engine.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=[EpochReports(topo.raw, options_dict(opts), state, channel)],
@@ -237,6 +251,8 @@ def _translate(err: BaseException, out: Path) -> BaseException:
         seen.add(id(e))
         if isinstance(e, DivergenceError):
             return e.keeping(ray_checkpoint.kept_words(out))
+        if isinstance(e, TopologyError):  # e.g. a worker's node without the data
+            return e
         todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
     text = str(err)
     if "DivergenceError" in text:

@@ -1,25 +1,35 @@
 """The ray engine's checkpoints: the one Ray Train restores from, checked before a resume.
 
-Ray Train keeps its checkpoints under ``<out>/ray/ray`` and restores a run from the latest
-one its ``checkpoint_manager_snapshot.json`` names. Rank 0's ``engine.pt`` holds the run's
-history (as the local engine's does), so the driver derives ``metrics.jsonl`` from it. A damaged
-latest checkpoint is replaced in the snapshot by the newest intact one, said in one line.
+Ray Train keeps its checkpoints under the run's storage (:mod:`online_kd.engine.ray_storage`;
+``<out>/ray/ray`` by default) and restores a run from the latest one its
+``checkpoint_manager_snapshot.json`` names. Rank 0's ``engine.pt`` holds the run's history (as
+the local engine's does), so the driver derives ``metrics.jsonl`` from it. On a local or shared
+path, a damaged latest checkpoint is replaced in the snapshot by the newest intact one, said in one
+line. On a URI storage (object stores) only the latest checkpoint's ``engine.pt`` is read: checking
+every file would download the whole checkpoint, and an object store writes each file whole.
 """
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from pathlib import Path
 
 from ..errors import TopologyError
 from . import checkpoint as ckpt
+from .ray_storage import RayStorage, of_run
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def storage(out: Path) -> Path:
-    """Where Ray Train keeps this run (``RunConfig(name="ray", storage_path=<out>/ray)``)."""
-    return Path(out) / "ray" / "ray"
+def storage(out: Path) -> str:
+    """Where Ray Train keeps this run: ``<storage>/ray`` (a local path or a URI)."""
+    return of_run(out).run_root
+
+
+def _snapshot(where: RayStorage) -> dict | None:
+    data = where.read_bytes(SNAPSHOT)
+    return None if data is None else json.loads(data)
 
 
 def _check(directory: Path) -> dict:
@@ -46,14 +56,22 @@ def restore_point(out: Path, say=print) -> tuple[Path | None, dict | None]:
     When the latest is damaged, the snapshot is rewritten to name the newest intact one (said
     through ``say``); TopologyError (exit 2) names the damaged file when none is intact."""
     ckpt.latest_checkpoint(Path(out) / "checkpoints")  # refuses a pointer out of the run directory
-    snap_path = storage(out) / SNAPSHOT
-    if not snap_path.is_file():
+    where = of_run(out)
+    snap = _snapshot(where)
+    if snap is None:
         return None, None
-    snap = json.loads(snap_path.read_text())
     results = snap.get("checkpoint_results") or []
+    if where.is_uri:
+        if not results:
+            return None, None
+        name = results[-1]["checkpoint_dir_name"]
+        state = where.load(f"{name}/{ckpt.ENGINE_FILE}")
+        return (f"{where.run_root}/{name}", state) if state is not None else (None, None)
+    root = where.local_root()
+    snap_path = root / SNAPSHOT
     damaged: list[ckpt.DamagedCheckpoint] = []
     for i in reversed(range(len(results))):
-        directory = storage(out) / results[i]["checkpoint_dir_name"]
+        directory = root / results[i]["checkpoint_dir_name"]
         try:
             state = _check(directory)
         except ckpt.DamagedCheckpoint as err:
@@ -75,16 +93,24 @@ def restore_point(out: Path, say=print) -> tuple[Path | None, dict | None]:
 
 
 def committed_history(checkpoint) -> list[dict] | None:
-    """The history in a reported Ray checkpoint's engine.pt (controller side), or None without one."""
-    path = Path(checkpoint.path) / ckpt.ENGINE_FILE
-    return ckpt.load(path).get("history") if path.is_file() else None
+    """The history in a reported Ray checkpoint's engine.pt (controller side, through the checkpoint's own
+    filesystem: a local path or an object store), or None without one."""
+    import pyarrow.fs as pafs
+
+    path = f"{checkpoint.path.rstrip('/')}/{ckpt.ENGINE_FILE}"
+    if checkpoint.filesystem.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with checkpoint.filesystem.open_input_stream(path) as f:
+        return ckpt.load(io.BytesIO(f.read())).get("history")
 
 
 def kept_words(out: Path) -> str:
     """What a diverged ray run leaves to resume from (for its error line)."""
-    snap_path = storage(out) / SNAPSHOT
-    latest = json.loads(snap_path.read_text()).get("latest_checkpoint_result") if snap_path.is_file() else None
+    where = of_run(out)
+    snap = _snapshot(where)
+    latest = snap.get("latest_checkpoint_result") if snap else None
     if not latest:
         return ckpt.describe_kept(None, None)
-    directory = storage(out) / latest["checkpoint_dir_name"]
-    return ckpt.describe_kept(directory, ckpt.load(directory / ckpt.ENGINE_FILE)["epoch"])
+    name = latest["checkpoint_dir_name"]
+    state = where.load(f"{name}/{ckpt.ENGINE_FILE}") or {}
+    return ckpt.describe_kept(f"{where.run_root}/{name}", state.get("epoch"))

@@ -183,6 +183,10 @@ class Reporter:
         c = self.topology.config
         if self._tracker_state:
             self.tracker = RunTracker.resume(self._tracker_state)
+            # Epochs the checkpoint holds that the store may lack: the ray engine's checkpoint is committed
+            # before the controller logs the epoch. Steps the store already holds are not logged again.
+            for h in self.history:
+                self.tracker.log_epoch(h["epoch"], h["nodes"])
             return
         uri = self.opt.tracking_uri or c.tracking.uri or default_tracking_uri()
         tags = {TAG_TOPOLOGY: c.name, TAG_OUT: str(self.out.resolve()), **self.opt.extra_tags}

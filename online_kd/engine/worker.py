@@ -3,9 +3,9 @@ batch, with torch.distributed as the loop's collective (exchange, gradient sync,
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..data.errors import DataError
 from ..topology import load_topology
 from ..topology.graph import Stage, Topology
+from . import checkpoint as ckpt
 from . import zero
-from .exchange import Exchange, exchange_dtype, placement
-from .loop import Collective, EpochLoop, EpochRecord
+from .exchange import Exchange, Worker, exchange_dtype, label_selectors, placement, seat_workers
+from .loop import Collective, EpochLoop, EpochRecord, random_state
 from .ray_progress import StepPoster
 from .record import epoch_record, merge_reports
 from .runtime import Runtime
@@ -62,15 +64,47 @@ def quiet_ray_train_logs() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _seated(topology: Topology) -> list[Worker]:
+    """Placement's workers with the Ray Train ranks that hold them: rank i holds worker i, unless peers ask for
+    node labels, where each worker goes to a rank on a node that carries its labels (every rank calls this)."""
+    workers = placement(topology)
+    selectors = label_selectors(topology)
+    if selectors is None:
+        return workers
+    import ray
+
+    labels = [None] * dist.get_world_size()
+    dist.all_gather_object(labels, dict(ray.get_runtime_context().get_node_labels()))
+    return seat_workers(workers, selectors, labels)
+
+
+class StepBuffer:
+    """``--record-steps`` lines kept in the worker until its next report (the run directory is the driver's)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.lines.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def drain(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
 class DistCollective(Collective):
     """The loop's hooks over torch.distributed: the exchange of taps, replicas' gradient sync and
     epoch sums, buffer broadcast, and eval/held-out logits gathered from every worker."""
 
     def __init__(self, topology: Topology, device: torch.device, profile: bool = False):
         self.topology, self.device, self.profile = topology, device, profile
-        self.workers = placement(topology)
+        self.workers = _seated(topology)
         self.rank = dist.get_rank()
-        self.me = self.workers[self.rank]
+        self.index = next(i for i, w in enumerate(self.workers) if w.rank == self.rank)  # placement's worker
+        self.me = self.workers[self.index]
         self.replica, self.replicas = self.me.replica, max(p.replicas for p in topology.config.peers.values())
         self.primary, self.leader = self.me.replica == 0, self.rank == 0
         exchange_groups, replica_groups = _groups(self.workers, self.replicas)
@@ -110,16 +144,21 @@ class DistCollective(Collective):
             dist.all_reduce(vec, group=self.replica_group)
         return vec
 
+    @property
+    def replica_source(self) -> int:
+        """The rank of replica 0 of this worker's peers (what the other replicas copy)."""
+        return next(w.rank for w in self.workers if w.peers == self.me.peers and w.replica == 0)
+
     def end_epoch(self, rt: Runtime) -> None:
         if self.replicas > 1:
-            src = dist.get_process_group_ranks(self.replica_group)[0]
+            src = self.replica_source
             for peer in rt.peers.values():
                 for buf in peer.buffers():
                     dist.broadcast(buf, src=src, group=self.replica_group)
 
     def share_weights(self, rt: Runtime, names: list[str]) -> None:
         if self.replicas > 1:
-            src = dist.get_process_group_ranks(self.replica_group)[0]
+            src = self.replica_source
             for name in names:
                 for t in rt.peers[name].net.state_dict().values():
                     dist.broadcast(t, src=src, group=self.replica_group)
@@ -144,6 +183,7 @@ class WorkerLoop(EpochLoop):
                          threads=config["threads"], stop_after=config.get("stop_after_epochs"),
                          step_log=f"rank{col.rank}" if config.get("record_steps") else None, plan=config["plan"])
         self.compute: list[float] = []
+        self.steps = StepBuffer()
         self.record: EpochRecord | None = None
         self.history: list[dict] = []  # every epoch's record: rank 0's checkpoint commits it with the epoch's state
         channel = config.get("progress")  # the driver's progress channel (ray_progress)
@@ -176,11 +216,28 @@ class WorkerLoop(EpochLoop):
     def engine_state(self) -> dict:
         return {"history": self.history}
 
+    def open_step_log(self):
+        return self.steps
+
+    def rng_file(self) -> str:
+        """This worker's random state in the checkpoint (by placement's worker index, which a restart keeps)."""
+        return f"rng_worker{self.collective.index}.pt"
+
+    def checkpoint_files(self) -> dict:
+        return {**super().checkpoint_files(), self.rng_file(): random_state(self.device)}
+
+    def saved_rng(self, directory, state):
+        path = Path(directory) / self.rng_file()
+        return ckpt.load(path) if path.is_file() else None
+
     def save(self, epoch, files) -> None:
         import ray.train
         from ray.train import Checkpoint
 
-        metrics = self.metrics
+        # what the driver's run directory gets from this worker travels with the report (the controller writes it)
+        metrics = {**self.metrics, "pid": os.getpid(), "steps": self.steps.drain()}
+        if self.collective.profile:
+            metrics["profile"] = self.profile()
         with tempfile.TemporaryDirectory() as d:
             for name, obj in files.items():
                 torch.save(obj, Path(d) / name)
@@ -197,19 +254,19 @@ class WorkerLoop(EpochLoop):
         with checkpoint.as_directory() as d:
             yield Path(d)
 
-    def write_profile(self) -> None:
-        """Median per-step compute, waiting and exchange times of this rank into ``<out>/profile/``."""
+    def profile(self) -> dict:
+        """Median per-step compute, waiting and exchange times of this rank so far (``<out>/profile/rank{r}.json``,
+        written by the controller from the report)."""
         col = self.collective
         timings = {"compute": self.compute, **col.timings}
         med = {k: 1e3 * statistics.median(v[3:] or v) for k, v in timings.items() if v}
         n = len(self.compute) or 1
-        (self.out_dir / "profile").mkdir(exist_ok=True)
-        (self.out_dir / "profile" / f"rank{col.rank}.json").write_text(json.dumps({
+        return {
             "rank": col.rank, "peers": list(col.me.peers), "replica": col.replica,
             "compute_ms": med.get("compute"), "wait_ms": med.get("wait"), "exchange_ms": med.get("exchange"),
             "bytes_per_step": col.routes.bytes_sent / n, "mode": "all_gather" if col.routes.dense else "p2p",
             "steps": n,
-        }))
+        }
 
 
 def train_worker(config: dict) -> None:
@@ -222,9 +279,8 @@ def train_worker(config: dict) -> None:
     loop = WorkerLoop(topo, config, device)
     if loop.poster is not None:
         loop.poster.up(forward_warnings=not config.get("verbose"))
-    out = Path(config["out_dir"])
-    (out / "pids").mkdir(parents=True, exist_ok=True)
-    (out / "pids" / f"rank{loop.collective.rank}.pid").write_text(str(os.getpid()))
-    loop.run()
-    if loop.collective.profile:
-        loop.write_profile()
+    try:
+        loop.run()
+    except DataError as err:  # data.root may differ per node: say which node lacks the data
+        raise DataError(err.place, f"{err.message} (on node {socket.gethostname()}, "
+                                   f"Ray node {ray.get_runtime_context().get_node_id()})") from None

@@ -114,9 +114,8 @@ class ActiveMixup(StageKind):
 
     # ------------------------------------------------------------------ validation
     def _chain(self, topology, origin: str) -> list:
-        """The producing stages this one grows from, oldest first (validated)."""
-        from ..topology.validate import build_stage_kind
-
+        """The producing stages this one grows from, oldest first (validation has already checked their
+        parameters: it takes the producing stages in order)."""
         chain, name, where = [], self.params.grow, f"{origin}.grow"
         mine = next(i for i, p in enumerate(topology.producers) if p.origin == origin)
         rounds = {p.name: (i, p) for i, p in enumerate(topology.producers) if p.kind == self.name}
@@ -128,7 +127,7 @@ class ActiveMixup(StageKind):
             i, prod = rounds[name]
             if i >= mine:
                 raise TopologyError(where, f"stage '{name}' runs after this one: it can only grow an earlier round")
-            kind = build_stage_kind(topology, prod)
+            kind = type(self)(self.Params.model_validate(prod.params), prod.name)
             chain.insert(0, kind)
             mine, name, where = i, kind.params.grow, f"{prod.origin}.grow"
         return chain

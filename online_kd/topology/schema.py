@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import re
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from ..finite import FiniteModel
 
@@ -32,6 +32,19 @@ class Open(FiniteModel):
 
 #: most replicas of one peer (a worker each on the ray engine)
 MAX_REPLICAS = 1024
+
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_./-]{0,250}[A-Za-z0-9])?")
+
+
+def _plain_label(text: str) -> str:
+    if not _LABEL.fullmatch(text):
+        raise ValueError(f"{text!r} is not a plain Ray node label (letters, digits, '-', '_', '.', '/'; "
+                         "no selector operators such as '!' or 'in(...)')")
+    return text
+
+
+#: a Ray node label key or value, matched exactly
+LabelText = Annotated[str, AfterValidator(_plain_label)]
 
 
 class SyntheticSpec(Strict):
@@ -122,6 +135,8 @@ class PeerConfig(Strict):
     task_weight: float = Field(1.0, ge=0)
     # only its probabilities leave it: edges from it read only its 'probs' tap, nothing reads its network
     blackbox: bool = False
+    # ray engine: run this peer's workers only on nodes carrying these Ray node labels (ray start --labels)
+    node_labels: dict[LabelText, LabelText] = {}
 
 
 class EnsembleConfig(Open):
@@ -225,6 +240,18 @@ class EngineConfig(Strict):
     resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] = {}
     colocate: list[list[str]] = []
     max_failures: int = Field(2, ge=-1)  # ray engine: restarts of the worker group from its last checkpoint
+    # ray engine: where Ray Train keeps checkpoints, a path every node sees or a pyarrow URI (s3://, gs://, file://);
+    # None: <run directory>/ray, which only works on one machine
+    storage: str | None = Field(None, min_length=1)
+    storage_endpoint: str | None = Field(None, min_length=1)  # an S3-compatible store's endpoint (MinIO, Ceph)
+    placement: Literal["pack", "spread"] = "pack"  # the workers' placement group strategy (PACK or SPREAD)
+
+    @field_validator("storage_endpoint")
+    @classmethod
+    def _endpoint_needs_s3(cls, endpoint, info):
+        if endpoint is not None and not (info.data.get("storage") or "").startswith("s3://"):
+            raise ValueError("an endpoint is for an S3-compatible store: set engine.storage to an s3:// URI too")
+        return endpoint
 
 
 class TrackingConfig(Strict):
