@@ -209,10 +209,11 @@ def test_node_lost_mid_run_resumes_from_last_checkpoint(cluster, local_runs):
             proc.communicate()
     print(f"node b lost after {epochs_before} of {LOSS_EPOCHS} epochs")
     assert epochs_before < LOSS_EPOCHS, "the node was lost after the run's last epoch"
-    # a train worker ran on node b, then one on the node that replaced it
-    assert watch.by_marker.get(lost) and watch.by_marker.get(cluster.nodes["b"].marker), watch.by_marker
     summary = summary_of(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
     assert summary["finished"] and summary["epochs"] == LOSS_EPOCHS, summary
+    # a train worker ran on node b, then one on the node that replaced it
+    assert watch.by_marker.get(lost) and watch.by_marker.get(cluster.nodes["b"].marker), (watch.by_marker,
+                                                                                           stderr[-3000:])
     assert_same_weights(out, local_runs(LOSS_EPOCHS))
     assert_nothing_on_node_b(cluster)
 
