@@ -37,17 +37,25 @@ class _Channel:
 
 
 def open_channel():
-    """A new channel actor (no CPU of its own) in the running Ray instance; its handle goes to workers."""
-    import ray
+    """A new channel actor (no CPU of its own) in the running Ray instance; its handle goes to workers.
 
-    return ray.remote(num_cpus=0, max_concurrency=1)(_Channel).remote()
+    It lives on the driver's node, as the Train controller does: a node lost mid-run (which the run
+    survives through ``engine.max_failures``) must not take the run's output channel with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_concurrency=1)(_Channel).options(scheduling_strategy=here).remote()
 
 
 def post_epoch(channel, record: dict) -> None:
     """Controller side: an epoch's record, delivered before the callback returns (so before fit() ends)."""
     import ray
 
-    ray.get(channel.post.remote(("epoch", record)))
+    try:
+        ray.get(channel.post.remote(("epoch", record)), timeout=30)
+    except Exception:  # the console line is lost; metrics.jsonl and MLflow already have the epoch
+        pass
 
 
 class WarningsToChannel(logging.Handler):
@@ -167,7 +175,7 @@ class Relay:
         from .report import RunningLoss
 
         loss = RunningLoss()
-        for _, s, c in self._ranks.values():
+        for _, (_, s, c) in sorted(self._ranks.items()):  # peers in rank order, whichever posted first
             loss.sums.update(s)
             loss.counts.update(c)
         self.reporter.steps_done(max(s for s, _, _ in self._ranks.values()), loss, elapsed)
