@@ -75,13 +75,18 @@ def assert_same(a: dict, b: dict) -> None:
         assert b["mlflow_status"] == ["FINISHED", "FINISHED"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    base = tmp_path_factory.mktemp("reference")
+def uninterrupted(tmp_path_factory, engine: str) -> dict:
+    """The outcome of the run uninterrupted on ``engine``: what every resumed run must equal."""
+    base = tmp_path_factory.mktemp(f"{engine}_reference")
     uri = f"sqlite:///{base / 'mlflow.db'}"
-    r = cli(base / "run", "local", uri)
+    r = cli(base / "run", engine, uri)
     assert r.returncode == 0, r.stderr
     return outcome(base / "run", uri)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return uninterrupted(tmp_path_factory, "local")
 
 
 @pytest.mark.parametrize("point", LOCAL_POINTS)
@@ -182,11 +187,7 @@ def test_latest_pointer_outside_the_run_directory_is_refused(tmp_path, capsys, s
 # ---------------------------------------------------------------------------------------------- ray
 @pytest.fixture(scope="module")
 def ray_reference(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ray_reference")
-    uri = f"sqlite:///{base / 'mlflow.db'}"
-    r = cli(base / "run", "ray", uri)
-    assert r.returncode == 0, r.stderr
-    return outcome(base / "run", uri)
+    return uninterrupted(tmp_path_factory, "ray")
 
 
 @pytest.mark.slow
