@@ -239,7 +239,7 @@ class EpochLoop:
         rt, col = self.rt, self.collective
         names = [p for p, peer in rt.peers.items() if col.primary and (peer.trained_epochs > 0 or peer.cfg.init)]
         own, y = rt.logits_over(test, names) if names else ({}, None)
-        if own:  # each owner notes its peers' scores (a stage's hand_over: best)
+        if own and rt.stage is not None and rt.stage.hand_over == "best":  # each owner notes its peers' scores
             rt.note_eval({n: 100.0 * topk_correct(z, y)[1] / len(y) for n, z in own.items()})
         logits, y = col.gather(own, y)
         if not col.leader or y is None:
